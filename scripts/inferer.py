@@ -1,0 +1,157 @@
+"""Inferers of the bundle: slice-by-slice LeViT-UNet inference on volumes, and autocast for training.
+
+:class:`LeViTSliceInferer` is the one path every volume takes (validation, evaluation, inference,
+MONAI Label): axial slices are resized in-plane to the network's ``img_size`` (bicubic, as the
+training slices), segmented, the argmax taken at the network's resolution, and the label map (not
+the logits) brought back to the slice's own size with nearest-neighbour, as the papers' protocol does.
+The output is a one-channel label volume, so memory stays near the volume's own size.
+
+The fast inference form (BatchNorm folded, channels_last, bf16 autocast where the processor has
+native bf16) is built from the network it is handed, at call time, i.e. after the weights are
+loaded: the configs keep ``network_def`` the plain network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.inferers import Inferer, SliceInferer
+
+__all__ = ["LeViTSliceInferer", "AutocastInferer", "resolve_precision", "fast_inference_form", "autocast"]
+
+IMAGE_MODE = "bicubic"  # in-plane resize of image slices (TransUNet zooms with cubic splines)
+LABEL_MODE = "nearest-exact"  # label maps, pixel-centre aligned like the image resize
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 is then faster than fp32."""
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(c is not None and c() for c in checks)
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"bf16"`` on CUDA with bf16 or a CPU with native bf16, else ``"fp32"``."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``precision`` on ``device`` (a no-op context for fp32)."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fast_inference_form(network: nn.Module, channels_last: bool = True) -> nn.Module:
+    """The network with BatchNorm folded (a copy, when it has ``fuse()``) and in channels_last layout.
+
+    Networks without ``fuse()`` (a DDP wrapper, a scripted model) are returned unchanged.
+    """
+    if not hasattr(network, "fuse") or network.training:
+        return network
+    fused = network.fuse()
+    return fused.to(memory_format=torch.channels_last) if channels_last else fused
+
+
+class LeViTSliceInferer(SliceInferer):
+    """Axial slice-by-slice inference of a 2D segmentation network on ``(B, C, H, W, D)`` volumes.
+
+    Args:
+        img_size: the network's input side; slices are resized to it and back.
+        num_classes: unused by the computation; kept so configs document the output's label range.
+        sw_batch_size: slices per network call.
+        spatial_dim: the sliding axis among ``H, W, D``: 2 = the last axis, the axial slices of a volume
+            in RAS orientation.
+        precision: ``"auto"`` (bf16 where fast, else fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        fuse: run the fast inference form (folded BatchNorm, channels_last) built after loading.
+        output: ``"label"`` for the argmax label map (1 channel) or ``"prob"`` for softmax
+            probabilities resized bilinearly (C channels; more memory).
+        sw_device, device, progress: as in ``SlidingWindowInferer`` (keep the volume on ``device="cpu"``
+            and send slices to ``sw_device`` to infer volumes larger than the GPU).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        sw_batch_size: int = 8,
+        spatial_dim: int = 2,
+        precision: str = "auto",
+        fuse: bool = True,
+        output: str = "label",
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        if output not in ("label", "prob"):
+            raise ValueError(f"output must be 'label' or 'prob', got {output!r}")
+        super().__init__(
+            spatial_dim=spatial_dim,
+            roi_size=(-1, -1),
+            sw_batch_size=sw_batch_size,
+            overlap=0.0,
+            mode="constant",
+            sw_device=sw_device,
+            device=device,
+            progress=progress,
+        )
+        self.img_size = img_size
+        self.precision = precision
+        self.fuse = fuse
+        self.output = output
+        self.num_classes = num_classes
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if inputs.dim() != 5:
+            raise ValueError(f"LeViTSliceInferer expects a (B, C, H, W, D) volume, got shape {tuple(inputs.shape)}")
+        device = self.sw_device if self.sw_device is not None else inputs.device
+        precision = resolve_precision(self.precision, device)
+        net = fast_inference_form(network) if self.fuse and isinstance(network, nn.Module) else network
+        channels_last = self.fuse and net is not network
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            size = x.shape[-2:]
+            if tuple(size) != (self.img_size, self.img_size):
+                x = F.interpolate(x, size=(self.img_size, self.img_size), mode=IMAGE_MODE, align_corners=False)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(x.device, precision):
+                logits = net(x)
+            if self.output == "label":
+                y = logits.argmax(dim=1, keepdim=True).float()
+                return F.interpolate(y, size=size, mode=LABEL_MODE) if y.shape[-2:] != size else y
+            y = logits.float().softmax(dim=1)
+            return F.interpolate(y, size=size, mode="bilinear", align_corners=False) if y.shape[-2:] != size else y
+
+        return super().__call__(inputs, predict, *args, **kwargs)
+
+
+class AutocastInferer(Inferer):
+    """Runs the network under autocast (``precision`` as in :func:`resolve_precision`); fp32 logits out.
+
+    MONAI's trainers autocast on CUDA only (``amp=True``); this gives CPU training bf16 as well.
+    """
+
+    def __init__(self, precision: str = "fp32") -> None:
+        super().__init__()
+        self.precision = precision
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        precision = resolve_precision(self.precision, inputs.device)
+        if precision != "fp32" and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(inputs.device, precision):
+            out = network(inputs, *args, **kwargs)
+        return out.float()

@@ -1,0 +1,155 @@
+"""Helpers the bundle's configs call: datalists, optimisers, schedules, checkpoints, handlers."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any, Iterable, Sequence
+
+import torch
+from monai.data import load_decathlon_datalist
+
+__all__ = [
+    "BundleInputError",
+    "load_datalist",
+    "list_images",
+    "make_optimizer",
+    "make_scheduler",
+    "ClassMetricsLogger",
+    "require_file",
+    "skip_existing_outputs",
+    "output_path",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class BundleInputError(ValueError):
+    """Bad input to a bundle workflow; the message names the file and the fault."""
+
+
+def require_file(path: str, what: str, hint: str = "") -> str:
+    """Returns ``path`` if it is a file, else raises naming it (e.g. missing trained weights)."""
+    if not os.path.isfile(path):
+        raise BundleInputError(f"{what} not found: {path}" + (f". {hint}" if hint else ""))
+    return path
+
+
+def load_datalist(datalist_file: str, key: str, base_dir: str | None = None, allow_empty: bool = False) -> list[dict]:
+    """Entries ``key`` of a MONAI (decathlon-style) datalist, paths resolved against ``base_dir``.
+
+    ``base_dir`` defaults to the datalist's folder. Raises :class:`BundleInputError` naming the file
+    when it is missing, is not JSON, lacks ``key``, lists no entries (unless ``allow_empty``) or names
+    images / labels that do not exist.
+    """
+    require_file(datalist_file, "datalist", "Prepare one with `python -m scripts.prepare_data ...`")
+    try:
+        with open(datalist_file) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise BundleInputError(f"datalist {datalist_file} is not valid JSON: {e}") from e
+    if key not in content:
+        raise BundleInputError(f"datalist {datalist_file} has no {key!r} list (keys: {sorted(content)})")
+    if not content[key]:
+        if allow_empty:
+            return []
+        raise BundleInputError(f"datalist {datalist_file}: the {key!r} list is empty")
+    base_dir = base_dir or os.path.dirname(os.path.abspath(datalist_file))
+    items = load_decathlon_datalist(datalist_file, is_segmentation=True, data_list_key=key, base_dir=base_dir)
+    missing = [p for item in items for k in ("image", "label") if k in item for p in [item[k]] if not os.path.exists(p)]
+    if missing:
+        raise BundleInputError(f"datalist {datalist_file} ({key}) names {len(missing)} missing files: {missing[:5]}")
+    return items
+
+
+def list_images(pattern: str | Sequence[str]) -> list[dict]:
+    """``[{"image": path}, ...]`` for a glob pattern, a list of paths, or a datalist JSON (its ``test`` list).
+
+    DICOM series are given as their folder. Raises :class:`BundleInputError` when nothing matches.
+    """
+    if isinstance(pattern, str) and pattern.endswith(".json") and os.path.isfile(pattern):
+        items = load_datalist(pattern, "test")
+        return [{"image": item["image"]} for item in items]
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    paths = sorted({p for pat in patterns for p in (glob.glob(pat) or ([pat] if os.path.exists(pat) else []))})
+    if not paths:
+        raise BundleInputError(f"no input images match {patterns}")
+    return [{"image": p} for p in paths]
+
+
+def output_path(image: str, output_dir: str, postfix: str = "seg", ext: str = ".nii.gz") -> str:
+    """Where ``SaveImaged(separate_folder=False)`` writes the prediction for input ``image``."""
+    name = os.path.basename(os.path.normpath(image))
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".h5"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return os.path.join(output_dir, f"{name}_{postfix}{ext}")
+
+
+def skip_existing_outputs(items: list[dict], output_dir: str, overwrite: bool = False, postfix: str = "seg") -> list[dict]:
+    """Drops inputs whose prediction already exists in ``output_dir`` (unless ``overwrite``), logging each."""
+    if overwrite:
+        return items
+    keep = []
+    for item in items:
+        out = output_path(item["image"], output_dir, postfix)
+        if os.path.exists(out):
+            logger.warning(f"{out} exists: skipping {item['image']} (set overwrite=true to redo it)")
+        else:
+            keep.append(item)
+    return keep
+
+
+def make_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 1e-4, momentum: float = 0.9
+) -> torch.optim.Optimizer:
+    """``"sgd"`` (TransUNet: momentum 0.9, wd 1e-4), ``"adam"`` (as the LeViT-UNet paper states) or ``"adamw"``."""
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be sgd, adam or adamw, got {name!r}")
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, max_iterations: int, power: float = 0.9):
+    """Per-iteration schedule: ``"poly"`` (TransUNet: lr * (1 - it / max) ** 0.9), ``"cosine"`` or ``"constant"``."""
+    name = name.lower()
+    max_iterations = max(int(max_iterations), 1)
+    if name == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(1.0 - it / max_iterations, 0.0) ** power)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_iterations)
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    raise ValueError(f"lr schedule must be poly, cosine or constant, got {name!r}")
+
+
+class ClassMetricsLogger:
+    """Splits a per-class metric (``reduction="mean_batch"``) into scalars ``<name>_<class>`` in
+    ``engine.state.metrics`` so that StatsHandler, TensorBoard and MLflow handlers record each class.
+
+    Attach it before those handlers (list it first in ``val_handlers``).
+    """
+
+    def __init__(self, metric_name: str, class_names: Sequence[str]) -> None:
+        self.metric_name = metric_name
+        self.class_names = list(class_names)
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        value = engine.state.metrics.pop(self.metric_name, None)
+        if value is None:
+            return
+        values = torch.as_tensor(value).flatten().tolist()
+        for name, v in zip(self.class_names, values):
+            engine.state.metrics[f"{self.metric_name}_{name}"] = float(v)
