@@ -1,0 +1,391 @@
+"""Speed, size and memory benchmark of LeViT-UNet (and, optionally, MONAI peer networks).
+
+For each model: parameters (M), GMac per image (``torch.utils.flop_counter.FlopCounterMode``: convolutions,
+matrix products and attention only; GMac = FLOPs / 2), inference throughput (images/s, the median over
+``--repeats`` of the time per iteration after ``--warmup`` iterations) at each ``--batch-sizes`` entry for
+several forms, the peak memory of each measurement, and the fraction of the machine's measured matmul
+ceiling (fp32 or bf16, by the dtype the form computes in) that the model achieves.
+
+Forms: ``eager_fp32`` (``model.eval()`` under ``torch.inference_mode``), ``fused`` (``model.fuse()``: every
+BatchNorm folded), ``fused_cl`` (+ channels_last model and input), ``fused_cl_bf16`` (+ bf16 autocast).
+Peers have no ``fuse()``: they run ``eager_fp32``, ``cl`` and ``cl_bf16``. Training (``--train``, forward +
+cross-entropy + backward + Adam step on one batch created once on the device, random labels) runs
+``eager_fp32`` and ``cl_bf16``; its ceiling fraction counts the measured forward + backward FLOPs.
+
+Every (model, form) is measured in a fresh subprocess, so measurements do not share allocator state. Peak
+memory ("peak MB") is the growth over the memory held once the model is ready (weights, no input): on CPU
+of the process's peak resident set (VmHWM, reset before each batch size through ``/proc/self/clear_refs``
+where the kernel allows, else the process peak ``ru_maxrss``; Linux), on CUDA of ``max_memory_allocated``
+over ``memory_allocated``. It covers input, activations, workspaces and, in training, gradients and Adam
+state. The batch sizes run in ascending order; ``base_mb`` in the JSON is the level grown from.
+
+Examples (from the bundle root)::
+
+    python -m scripts.benchmark                                   # 3 variants, all forms, batch 1 and 8
+    python -m scripts.benchmark --peers --train --json benchmark.json
+    python -m scripts.benchmark --peers BasicUNet UNETR --forms eager_fp32 cl_bf16
+    python -m scripts.benchmark --device cuda --peers --train --min-time 2
+    python -m scripts.benchmark --variants 128s --iters 2 --warmup 1 --threads 2   # smoke run
+
+UNETR and SwinUNETR need ``einops``; a model that cannot be built or run is reported with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ["128s", "192", "384"]
+PEERS = ["BasicUNet", "AttentionUnet", "SwinUNETR", "UNETR"]
+# form -> (fold BatchNorm, channels_last, bf16 autocast)
+FORMS: Dict[str, Tuple[bool, bool, bool]] = {
+    "eager_fp32": (False, False, False),
+    "fused": (True, False, False),
+    "fused_cl": (True, True, False),
+    "fused_cl_bf16": (True, True, True),
+    "cl": (False, True, False),
+    "cl_bf16": (False, True, True),
+}
+LEVIT_FORMS = ["eager_fp32", "fused", "fused_cl", "fused_cl_bf16"]
+PEER_FORMS = ["eager_fp32", "cl", "cl_bf16"]
+TRAIN_FORMS = ["eager_fp32", "cl_bf16"]
+IN_CHANNELS, OUT_CHANNELS = 1, 9
+
+
+def build_model(name: str, img_size: int) -> nn.Module:
+    """``LeViT-UNet-<variant>`` or one of the MONAI peers, 1 channel in, 9 classes out."""
+    if name.startswith("LeViT-UNet-"):
+        from scripts.networks import LeViTUNet
+
+        return LeViTUNet(2, IN_CHANNELS, OUT_CHANNELS, variant=name.rsplit("-", 1)[1], img_size=img_size)
+    from monai.networks import nets
+
+    common: Dict[str, Any] = {"spatial_dims": 2, "in_channels": IN_CHANNELS, "out_channels": OUT_CHANNELS}
+    if name == "BasicUNet":
+        return nets.BasicUNet(**common)
+    if name == "AttentionUnet":
+        return nets.AttentionUnet(**common, channels=(64, 128, 256, 512, 1024), strides=(2, 2, 2, 2))
+    if name == "SwinUNETR":  # monai >= 1.5 infers the size from the input: no img_size argument
+        return nets.SwinUNETR(**common, feature_size=48)
+    if name == "UNETR":
+        return nets.UNETR(**common, img_size=(img_size, img_size))
+    raise ValueError(f"unknown model {name!r}")
+
+
+def model_stats(name: str, img_size: int, train: bool) -> Dict[str, float]:
+    """Parameters (M) and GMac per image: inference, and forward + backward + loss when ``train``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(name, img_size).eval()
+    x = torch.randn(1, IN_CHANNELS, img_size, img_size)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    out = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gmac": counter.get_total_flops() / 2e9}
+    if train:  # two images: BatchNorm in training needs more than one value per channel
+        model.train()
+        x2 = torch.randn(2, IN_CHANNELS, img_size, img_size)
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(x2), torch.zeros(2, img_size, img_size, dtype=torch.long)).backward()
+        out["train_gmac"] = counter.get_total_flops() / 4e9
+    return out
+
+
+def time_per_iter(
+    step: Callable[[], Any], warmup: int, iters: int, repeats: int, min_time: float, sync: Callable[[], None]
+) -> List[float]:
+    """Seconds per ``step`` in each of ``repeats`` runs of at least ``iters`` steps and ``min_time`` seconds."""
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while n < max(iters, 1) or time.perf_counter() - t0 < min_time:
+            step()
+            n += 1
+        sync()
+        times.append((time.perf_counter() - t0) / n)
+    return times
+
+
+def _rss_kib() -> Tuple[int, int]:
+    """(current, peak) resident set of this process in KiB (Linux)."""
+    import resource
+
+    cur = hwm = 0
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                cur = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return cur, hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def memory_mb(device: torch.device) -> float:
+    """Memory held now: allocated on CUDA, resident set on CPU (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _rss_kib()[0] / 1024
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, base_mb: float) -> Iterator[Dict[str, float]]:
+    """Fills ``{"peak_mb": peak memory within the block minus base_mb, "base_mb": base_mb}``."""
+    out: Dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    yield out
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = _rss_kib()[1] / 1024
+    out.update(base_mb=base_mb, peak_mb=max(peak - base_mb, 0.0))
+
+
+def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
+    """One (model, form) measurement: inference at every batch size, or training at ``train_batch``."""
+    device = torch.device(job["device"])
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fuse, cl, bf16 = FORMS[job["form"]]
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    size, timing = job["img_size"], (job["warmup"], job["iters"], job["repeats"], job["min_time"], sync)
+    torch.manual_seed(0)
+    model = build_model(job["model"], size)
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    results: Dict[str, Any] = {}
+    if job["task"] == "infer":
+        model = (model.fuse() if fuse else model.eval()).to(device, memory_format=fmt)
+        base = memory_mb(device)
+        for b in sorted(job["batch_sizes"]):
+            x = torch.randn(b, IN_CHANNELS, size, size, device=device).contiguous(memory_format=fmt)
+
+            def step() -> None:
+                with torch.inference_mode(), amp():
+                    model(x)
+
+            with peak_memory(device, base) as mem:
+                times = time_per_iter(step, *timing)
+            sec = statistics.median(times)
+            results[str(b)] = {"img_s": b / sec, "sec_per_iter": sec, "times": times, **mem}
+        return results
+    model = model.train().to(device, memory_format=fmt)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    base = memory_mb(device)
+    b = job["train_batch"]
+    x = torch.randn(b, IN_CHANNELS, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, OUT_CHANNELS, (b, size, size), device=device)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    with peak_memory(device, base) as mem:
+        times = time_per_iter(train_step, *timing)
+    sec = statistics.median(times)
+    return {str(b): {"img_s": b / sec, "sec_per_iter": sec, "times": times, **mem}}
+
+
+def run_in_subprocess(job: Dict[str, Any]) -> Dict[str, Any]:
+    """``run_job`` in a fresh interpreter; ``{"error": ...}`` when it fails."""
+    threads = str(job["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "scripts.benchmark", "--worker", json.dumps(job), "--worker-out", str(out)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            return {"error": next((ln for ln in reversed(lines) if ln.strip()), f"exit status {proc.returncode}")}
+        return json.loads(out.read_text())
+
+
+def measure_ceiling(device: torch.device, size: int, timing: Tuple[int, int, int, float]) -> Dict[str, float]:
+    """Best-of-repeats GFLOP/s of a ``size`` x ``size`` matrix product in fp32 and bf16."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    warmup, iters, repeats, min_time = timing
+    out = {}
+    for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        times = time_per_iter(lambda: torch.mm(a, b), max(warmup, 1), iters, repeats, min_time, sync)
+        out[key] = 2 * size**3 / min(times) / 1e9
+    return out
+
+
+def environment(args: argparse.Namespace) -> Dict[str, Any]:
+    """Date, command line, git commit, versions, threads, CPU / GPU model and native bf16 support."""
+    cpu = None
+    with contextlib.suppress(OSError):
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else None
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        commit: Optional[str] = git.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    try:
+        import monai
+
+        monai_version: Optional[str] = monai.__version__
+    except ImportError:
+        monai_version = None
+    env: Dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "scripts.benchmark", *sys.argv[1:]]),
+        "git_commit": commit,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "monai": monai_version,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
+    for flag in ("avx512_bf16", "amx_tile"):
+        probe = getattr(torch.cpu, f"_is_{flag}_supported", None)
+        env[flag] = bool(probe()) if probe is not None else None
+    if args.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    return env
+
+
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: Dict[str, Any], batch_sizes: List[int], train_batch: int) -> str:
+    top = str(max(batch_sizes))
+    head = ["model", "form", *(f"b{b} img/s" for b in batch_sizes), "params M", "GMac"]
+    head += [f"% ceiling (b{top})", f"peak MB (b{top})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    train_rows = []
+    for name, res in results.items():
+        if "error" in res:
+            lines.append(f"| {name} | - | error: {res['error']} |")
+            continue
+        for form, per_batch in res["inference"].items():
+            if "error" in per_batch:
+                lines.append(f"| {name} | {form} | error: {per_batch['error']} |")
+                continue
+            r = per_batch[top]
+            cells = [name, form, *(_fmt(per_batch[str(b)]["img_s"]) for b in batch_sizes)]
+            cells += [_fmt(res["params_m"], 2), _fmt(res["gmac"], 2), _fmt(r["ceiling_pct"]), _fmt(r["peak_mb"], 0)]
+            lines.append("| " + " | ".join(cells) + " |")
+        for form, per_batch in res.get("train", {}).items():
+            r = per_batch.get(str(train_batch), per_batch)
+            if "error" in r:
+                cells = [name, form, f"error: {r['error']}"]
+            else:
+                cells = [name, form, _fmt(r["img_s"], 2), _fmt(res["train_gmac"], 2)]
+                cells += [_fmt(r["ceiling_pct"]), _fmt(r["peak_mb"], 0)]
+            train_rows.append("| " + " | ".join(cells) + " |")
+    if train_rows:
+        lines += ["", f"Training, batch {train_batch} (forward + cross-entropy + backward + Adam step):", ""]
+        lines += ["| model | form | img/s | train GMac/img | % ceiling | peak MB |", "|---|---|---|---|---|---|"]
+        lines += train_rows
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS, help="LeViT-UNet variants")
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=None, help="MONAI peers; bare --peers = all of them")
+    p.add_argument("--forms", nargs="*", choices=list(FORMS), default=None, help="only these forms (default all)")
+    p.add_argument("--train", action="store_true", help="also measure training throughput")
+    p.add_argument("--train-variants", nargs="*", default=["128s"], choices=VARIANTS, help="variants --train trains")
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--img-size", type=int, default=224, help="input side (224; smaller only for smoke runs)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default cpu_count)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations before each measurement")
+    p.add_argument("--iters", type=int, default=20, help="minimum timed iterations per repeat")
+    p.add_argument("--min-time", type=float, default=0.0, help="minimum seconds per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (median reported; ceiling: best)")
+    p.add_argument("--matmul-size", type=int, default=None, help="ceiling matmul side (CPU 2048, CUDA 8192)")
+    p.add_argument("--json", type=Path, default=None, help="write every figure and the environment here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.worker:  # one measurement, in its own interpreter
+        job = json.loads(args.worker)
+        torch.set_num_threads(job["threads"])
+        args.worker_out.write_text(json.dumps(run_job(job)))
+        return 0
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    env = environment(args)
+    print("\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n", flush=True)
+    timing = (args.warmup, args.iters, args.repeats, args.min_time)
+    ceiling = measure_ceiling(device, args.matmul_size or (8192 if device.type == "cuda" else 2048), timing)
+    print(f"- matmul ceiling GFLOP/s: fp32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f}\n", flush=True)
+
+    models = [(f"LeViT-UNet-{v}", LEVIT_FORMS, v in args.train_variants) for v in args.variants]
+    models += [(name, PEER_FORMS, True) for name in (PEERS if args.peers == [] else args.peers or [])]
+    job_base = {k: getattr(args, k) for k in ("device", "threads", "img_size", "batch_sizes", "train_batch")}
+    job_base.update(warmup=args.warmup, iters=args.iters, repeats=args.repeats, min_time=args.min_time)
+    results: Dict[str, Any] = {}
+    for name, forms, trains in models:
+        print(f"[benchmark] {name}: counting", file=sys.stderr, flush=True)
+        try:
+            res: Dict[str, Any] = {**model_stats(name, args.img_size, args.train and trains), "inference": {}}
+        except Exception as e:  # noqa: BLE001 - e.g. a peer needing einops: report it and go on
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+            continue
+        tasks = [("infer", f) for f in forms] + ([("train", f) for f in TRAIN_FORMS] if args.train and trains else [])
+        for task, form in tasks:
+            if args.forms is not None and form not in args.forms:
+                continue
+            print(f"[benchmark] {name}: {task} {form}", file=sys.stderr, flush=True)
+            out = run_in_subprocess({**job_base, "model": name, "form": form, "task": task})
+            gmac = res["gmac"] if task == "infer" else res["train_gmac"]
+            for r in out.values() if "error" not in out else []:
+                r["ceiling_pct"] = 100 * gmac * 2 * r["img_s"] / ceiling["bf16" if FORMS[form][2] else "fp32"]
+            res.setdefault("inference" if task == "infer" else "train", {})[form] = out
+        best = {f: r[str(max(args.batch_sizes))]["img_s"] for f, r in res["inference"].items() if "error" not in r}
+        res["best_inference_form"] = max(best, key=best.__getitem__) if best else None
+        results[name] = res
+
+    print(markdown(results, sorted(args.batch_sizes), args.train_batch))
+    if args.json is not None:
+        settings = {k: v for k, v in job_base.items() if k not in ("device", "threads")}
+        report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
