@@ -17,7 +17,6 @@ import torch
 
 from conftest import REPO, shared_path
 from scripts.networks import LeViTUNet
-from scripts.prepare_data import generate_demo
 
 CONFIGS = REPO / "configs"
 IMG = 64  # network input side for the tests (the bundle's default is 224)
@@ -32,13 +31,6 @@ def run(cmd: list[str], cwd: Path = REPO, timeout: int = 1200) -> subprocess.Com
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{res.stdout[-4000:]}\nSTDERR:\n{res.stderr[-4000:]}"
     return res
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    generate_demo(out, num_train=8, num_val=2, num_test=2, size=(64, 64, 8), seed=0)
-    return out
 
 
 TRAIN_OVERRIDES = ["--img_size", str(IMG), "--batch_size", "16", "--num_workers", "0", "--optimizer_name", "adam",
