@@ -110,3 +110,36 @@ def test_missing_weights_are_reported_not_replaced_by_random_ones(demo_dir, tmp_
     assert res.returncode != 0
     assert "trained weights (models/model.pt) not found" in res.stderr and "train them first" in res.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+QUICK = ["--img_size", str(IMG), "--batch_size", "4", "--samples_per_volume", "2", "--num_workers", "0",
+         "--val_interval", "1", "--cache_rate", "0.0"]
+
+
+def test_resume_continues_from_the_last_epoch(demo_dir, tmp_path):
+    base = bundle_cmd("training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(tmp_path),
+                      "--dataset_dir", str(demo_dir), *QUICK)
+    run(base + ["--epochs", "1"])
+    assert (tmp_path / "models" / "resume_checkpoint_epoch=1.pt").exists()
+    res = run(base + ["--epochs", "2", "--resume", "true"])
+    log = res.stdout + res.stderr
+    assert "resuming from" in log and "resume_checkpoint_epoch=1.pt" in log
+    assert "Epoch: 2/2" in log and "Epoch: 1/2" not in log  # the finished epoch is not repeated
+    assert (tmp_path / "models" / "resume_checkpoint_epoch=2.pt").exists()
+    assert not (tmp_path / "models" / "resume_checkpoint_epoch=1.pt").exists()  # one resume file kept
+
+
+@pytest.mark.slow
+def test_multi_gpu_config_under_torchrun_on_cpu(demo_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", "training", "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+           "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+           "--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir), "--epochs", "1", *QUICK]
+    res = run(cmd)
+    log = res.stdout + res.stderr
+    assert "val_mean_dice" in log
+    saved = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert saved == ["model.pt", "model_final.pt", "resume_checkpoint_epoch=1.pt"], saved
+    sd = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in sd)  # the DDP wrapper's prefix is not saved
+    LeViTUNet(img_size=IMG).load_state_dict(sd)

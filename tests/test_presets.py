@@ -1,0 +1,93 @@
+"""Dataset presets: what reaches the network, per preset and source format; training vs inference resize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from conftest import REPO
+from scripts.inferer import LeViTSliceInferer
+from scripts.prepare_data import convert_acdc_raw, convert_acdc_ssl4mis, convert_synapse_raw, convert_synapse_transunet
+from test_prepare_data import acdc_raw, btcv, ssl4mis, transunet  # noqa: F401  (fixtures)
+
+CONFIGS = REPO / "configs"
+
+
+def parse(preset: str | None, dataset_dir: Path, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")] + ([str(CONFIGS / f"{preset}.json")] if preset else []))
+    parser.update({"bundle_root": str(REPO), "dataset_dir": str(dataset_dir), **overrides})
+    return parser
+
+
+def network_inputs(preset: str | None, out: Path) -> list[np.ndarray]:
+    """The validation preprocessing (the deterministic part of training too) of every training case."""
+    parser = parse(preset, out)
+    pre = parser.get_parsed_content("validate#preprocessing")
+    data = parser.get_parsed_content("train#dataset#data")
+    return [np.asarray(pre(item)["image"])[0] for item in data]
+
+
+def test_ct_preset_windows_raw_hounsfield_units(btcv, tmp_path):
+    out = Path(convert_synapse_raw(btcv, tmp_path / "out")).parent
+    for image in network_inputs(None, out) + network_inputs("synapse", out):
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        assert image.min() == 0.0 and image.max() == 1.0  # the fixture spans [-1000, 1000) HU: both ends clip
+
+
+def test_ct_preset_gives_back_transunet_values_exactly(transunet, tmp_path):
+    root, vols = transunet
+    out = Path(convert_synapse_transunet(root, tmp_path / "out")).parent
+    (image,) = network_inputs("synapse", out)  # training = case0005
+    original = vols["case0005"][0]  # D x H x W, already in [0, 1]
+    np.testing.assert_allclose(image, original.transpose(2, 1, 0), atol=2e-6)  # scaled once, not twice
+
+
+def test_mr_preset_scales_raw_acdc_and_keeps_ssl4mis(acdc_raw, ssl4mis, tmp_path):
+    out = Path(convert_acdc_raw(acdc_raw, tmp_path / "raw")).parent
+    for image in network_inputs("acdc", out):
+        assert image.min() == pytest.approx(0.0) and image.max() == pytest.approx(1.0)
+    root, vols = ssl4mis
+    out = Path(convert_acdc_ssl4mis(root, tmp_path / "ssl")).parent
+    (image,) = network_inputs("acdc", out)
+    original = vols["patient010_frame01"][0]
+    expected = (original - original.min()) / (original.max() - original.min())  # a no-op where it spans [0, 1]
+    np.testing.assert_allclose(image, expected.transpose(2, 1, 0), atol=2e-6)
+
+
+def test_presets_define_the_same_keys():
+    import json
+
+    keys = [set(json.loads((CONFIGS / f"{p}.json").read_text())) for p in ("synapse", "acdc")]
+    assert keys[0] == keys[1]
+    train = json.loads((CONFIGS / "train.json").read_text())
+    infer = json.loads((CONFIGS / "inference.json").read_text())
+    synapse = json.loads((CONFIGS / "synapse.json").read_text())
+    for key in ("num_classes", "label_names", "intensity"):  # the root bundle is the Synapse preset
+        assert train[key] == infer[key] == synapse[key], key
+    for key in ("network_def", "variant", "img_size", "in_channels", "add_bundle_to_path"):
+        assert train[key] == infer[key], key
+
+
+def test_training_and_inference_give_the_network_the_same_slice(demo_dir):
+    """Training resizes each 2D slice with the config's Resized; inference resizes inside the slice inferer."""
+    parser = parse(None, demo_dir, img_size=96)  # the 64 x 64 demo slices are upsampled
+    item = parser.get_parsed_content("train#dataset#data")[0]
+    volume = parser.get_parsed_content("validate#preprocessing")(item)  # (1, X, Y, Z)
+    squeeze, resize = parser.get_parsed_content("train#random_transforms")[1:3]
+    seen: list[torch.Tensor] = []
+
+    def recorder(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return torch.zeros(x.shape[0], 9, *x.shape[2:])
+
+    LeViTSliceInferer(img_size=96, sw_batch_size=1, precision="fp32", fuse=False)(volume["image"][None], recorder)
+    k = 3
+    sliced = {key: volume[key][..., k : k + 1] for key in ("image", "label")}
+    train_input = resize(squeeze(sliced))["image"]
+    assert train_input.shape == (1, 96, 96) and seen[k].shape == (1, 1, 96, 96)
+    torch.testing.assert_close(torch.as_tensor(train_input), seen[k][0], rtol=0, atol=1e-6)
