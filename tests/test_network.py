@@ -260,3 +260,16 @@ def test_state_dict_round_trip_through_bytes():
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+
+
+def test_pretrained_override_loads_imagenet_weights_into_the_encoder(tmp_path):
+    from scripts.utils import prepare_network
+
+    path = tmp_path / "LeViT-128S.pth"
+    torch.save({"model": imagenet_state_dict("128s", "facebook")}, path)
+    model = prepare_network(LeViTUNet(variant="128s"), "cpu", pretrained=str(path))
+    expected = convert_checkpoint(torch.load(path, weights_only=True), "128s", in_channels=1)
+    for key, value in expected.items():
+        torch.testing.assert_close(model.encoder.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(CheckpointConversionError, match="shape mismatches"):
+        prepare_network(LeViTUNet(variant="384"), "cpu", pretrained=str(path))  # wrong variant: refused, not partial
