@@ -46,7 +46,7 @@ def _imported_top_level_modules() -> set[str]:
 
 
 def test_every_runtime_import_is_a_declared_requirement():
-    dist_names = {"ignite": "pytorch-ignite", "yaml": "pyyaml", "safetensors": "safetensors"}
+    dist_names = {"ignite": "pytorch-ignite", "yaml": "pyyaml", "PIL": "pillow"}
     third_party = {
         m for m in _imported_top_level_modules()
         if m not in sys.stdlib_module_names and m not in ("scripts", "torch", "monai", "numpy", "__future__")
