@@ -65,7 +65,8 @@ def test_evaluate_reports_paper_style_metrics(trained, demo_dir):
     summary = json.loads((out / "metrics_summary.json").read_text())
     assert summary["mean_dice"] > 0.5
     rows = (out / "metrics_per_case.csv").read_text().strip().splitlines()
-    assert len(rows) == 3 and "aorta_dice" in rows[0] and "aorta_hd95" in rows[0]
+    assert len(rows) == 3 and "aorta_dice" in rows[0] and "aorta_hd95" in rows[0] and "aorta_hd95_mm" in rows[0]
+    assert sorted(r.split(",")[0] for r in rows[1:]) == ["demo_008", "demo_009"]  # cases named by their files
 
 
 def test_inference_keeps_the_input_geometry_and_never_overwrites(trained, demo_dir, tmp_path):
