@@ -230,13 +230,9 @@ def test_pick_slices_spreads_over_the_foreground():
 
 
 def test_report_handler_in_the_bundle_run(inputs, checkpoint, tmp_path):
-    """The handler wired in with a second config file, on the LAS scan: volumes agree with the saved labels."""
-    extra = tmp_path / "report.json"
-    extra.write_text('{"report": {"_target_": "scripts.outputs.PredictionReport", "output_dir": "@output_dir",'
-                     ' "label_names": "@label_names"}, "evaluator#val_handlers": "$@handlers + [@report]"}')
+    """The report switched on with --write_report true, on the LAS scan: volumes agree with the saved labels."""
     out = tmp_path / "out"
-    bundle_inference(tmp_path / "root", inputs["nifti_las"], out, checkpoint,
-                     config=f"['{CONFIGS / 'inference.json'}','{extra}']")
+    bundle_inference(tmp_path / "root", inputs["nifti_las"], out, checkpoint, "--write_report", "true")
     seg = nib.load(out / "ct_las_seg.nii.gz")
     labels = np.asanyarray(seg.dataobj)
     (row,) = list(csv.DictReader((out / "volumes_ml.csv").open()))
