@@ -13,14 +13,13 @@ operators. The file is written only once onnxruntime (when installed) gives PyTo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import uuid
 
 import torch
 from monai.utils import optional_import
 
 from scripts.networks import LeViTUNet
+from scripts.atomic import atomic_output
 from scripts.utils import BundleInputError, require_file
 
 ort, HAS_ORT = optional_import("onnxruntime")  # optional (requirements-dev.txt): without it the export is unchecked
@@ -95,21 +94,14 @@ def export_onnx(
         model = model.fuse()
     x = torch.randn(2, in_channels, img_size, img_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(output)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.onnx")
-    try:
+    with atomic_output(output) as tmp:
         torch.onnx.export(
-            model, (x,), tmp, input_names=["image"], output_names=["pred"], dynamic_shapes={"x": {0: batch}},
+            model, (x,), str(tmp), input_names=["image"], output_names=["pred"], dynamic_shapes={"x": {0: batch}},
             external_data=False,
         )
-        diff = check_onnx(tmp, model) if check else None
+        diff = check_onnx(str(tmp), model) if check else None
         if diff is not None and not diff <= atol:
             raise OnnxMismatchError(f"ONNX outputs differ from PyTorch's by {diff:.3g} > {atol:g}: {output} unwritten")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return diff
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import uuid
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as nio
 from PIL import Image, ImageDraw, ImageFont
+
+from scripts.atomic import atomic_output
 
 __all__ = [
     "PredictionReport",
@@ -158,17 +159,9 @@ def render_overlay(
 
 def write_atomic(path: str, write: Any, mode: str = "w") -> None:
     """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, mode.replace("w", "x"), **({"newline": ""} if "b" not in mode else {})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    newline = {"newline": ""} if "b" not in mode else {}
+    with atomic_output(path) as tmp, open(tmp, mode.replace("w", "x"), **newline) as f:
+        write(f)
 
 
 def _array(t: Any) -> np.ndarray:

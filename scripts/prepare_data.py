@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -41,6 +39,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import h5py
 import nibabel as nib
 import numpy as np
+
+from scripts.atomic import atomic_output
 
 __all__ = [
     "ACDC_LABELS",
@@ -102,21 +102,10 @@ CaseLoader = Callable[[], Volume]
 # ---------------------------------------------------------------------------------------- writing
 
 
-def _atomic_path(final: Path) -> Path:
-    """A hidden temporary name next to ``final`` with the same (double) extension."""
-    suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
-    return final.with_name(f".{final.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-
-
 def _write_atomic(final: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write(tmp)`` then renames ``tmp`` to ``final``; removes ``tmp`` if anything fails."""
-    tmp = _atomic_path(final)
-    try:
+    """Calls ``write(tmp)`` on a temporary path, renamed to ``final`` once complete."""
+    with atomic_output(final) as tmp:
         write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None, dtype: type) -> nib.Nifti1Image:

@@ -34,12 +34,12 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from scripts.atomic import atomic_output
 from scripts.metrics import PROTOCOLS, case_metrics
 
 __all__ = [
@@ -95,17 +95,8 @@ def _has_mm(rows: Sequence[Row]) -> bool:
 
 def _atomic_write(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to a temp file next to ``path`` then renames it over ``path`` (no partial files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, newline="")
 
 
 def write_case_csv(rows: Sequence[Row], class_names: Sequence[str], path: str | os.PathLike) -> None:

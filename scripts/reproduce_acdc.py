@@ -80,10 +80,11 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from scripts.atomic import atomic_output
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "acdc_ssl4mis"
@@ -320,15 +321,8 @@ def draw_curves(curves: Dict[str, Any], path: Path, title: str = "") -> Path:
     _panel(draw, (550, 30, 1100, 460), series, "validation Dice (MONAI MeanDice, in training)", "epoch", (0.0, 1.0),
            legend="bottom")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -496,15 +490,8 @@ def git_info() -> Dict[str, Any]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
 
 
 def _pct(x: Optional[float]) -> Optional[float]:
@@ -726,7 +713,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from scripts.prepare_data import convert_acdc_ssl4mis
 
-    work, data_dir = Path(plan["workdir"]), Path(plan["data_dir"])
+    data_dir = Path(plan["data_dir"])
     results_dir = Path(plan["results_dir"])
     final = Path(plan["bundle_root"]) / "models" / "model_final.pt"
     timings: Dict[str, float] = {}

@@ -31,6 +31,7 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_output
 from .levit import LEVIT_VARIANTS
 from .levit_unet import LeViTUNet
 
@@ -251,18 +252,13 @@ def load_checkpoint_file(path: str) -> StateDict:
 
 def save_state_dict(state_dict: StateDict, path: str) -> None:
     """Writes ``path`` through a temporary file and a rename, so a failed write leaves no partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_output(path) as tmp:
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
 
-            save_file(state_dict, tmp)
+            save_file(state_dict, str(tmp))
         else:
             torch.save(state_dict, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv: List[str] | None = None) -> None:
