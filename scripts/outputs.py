@@ -30,11 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nibabel import orientations as nio
+from monai.data import NibabelWriter
 from PIL import Image, ImageDraw, ImageFont
 
 from scripts.atomic import atomic_output
 
 __all__ = [
+    "AtomicNibabelWriter",
     "PredictionReport",
     "case_name",
     "voxel_volume_ml",
@@ -60,6 +62,20 @@ PANEL = 256  # side of each slice's square panel, pixels
 LEGEND_WIDTH = 180  # width of the legend column, pixels
 LEGEND_ROW = 20  # height of one legend line, pixels
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".h5")  # as scripts.utils.output_path
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` writing through a temporary file renamed into place: a run killed while saving
+    never leaves a truncated ``*_seg.nii.gz`` that a later run would take as done and skip.
+
+    ``SaveImaged(writer="scripts.outputs.AtomicNibabelWriter", ...)``.
+    """
+
+    def write(self, filename: Any, verbose: bool = False, **obj_kwargs: Any) -> None:
+        with atomic_output(filename) as tmp:
+            super().write(str(tmp), verbose=verbose, **obj_kwargs)
+        if verbose:
+            logger.info(f"wrote {filename}")
 
 
 def case_name(path: str) -> str:

@@ -1,4 +1,4 @@
-"""Helpers the bundle's configs call: datalists, optimisers, schedules, checkpoints, handlers."""
+"""Helpers the bundle's configs call: datalists, optimisers, schedules, handlers (checkpoints: scripts.checkpoint)."""
 
 from __future__ import annotations
 
@@ -170,59 +170,3 @@ def prepare_network(network: torch.nn.Module, device: torch.device | str, pretra
         enc.load_state_dict(sd)
         logger.info(f"encoder initialised from {pretrained}")
     return network.to(device)
-
-
-def latest_checkpoint(ckpt_dir: str, prefix: str = "resume") -> str | None:
-    """The newest ``<prefix>_checkpoint_epoch=N.pt`` in ``ckpt_dir`` (highest N), or None."""
-    paths = glob.glob(os.path.join(ckpt_dir, f"{prefix}_checkpoint_epoch=*.pt"))
-    epoch = lambda p: int(os.path.basename(p).rsplit("=", 1)[1].split(".")[0])  # noqa: E731
-    return max(paths, key=epoch) if paths else None
-
-
-class ResumeCheckpointing:
-    """Resume state for training: saves it each epoch and, when ``resume``, restores the newest.
-
-    The state (network, optimiser, schedule, trainer counters) goes to
-    ``<ckpt_dir>/resume_checkpoint_epoch=N.pt`` (the last one kept, written atomically), apart from
-    ``model.pt``, which stays a bare state_dict. Attach it to the trainer after the trainer exists
-    (the bundle's ``initialize`` does), since the trainer is itself one of the saved objects.
-
-    Args:
-        ckpt_dir: folder of the checkpoints.
-        objects: ``{"model": net, "optimizer": opt, "lr_scheduler": sched, "trainer": trainer}``.
-        resume: restore the newest resume checkpoint before training (a warning, not an error, if none).
-        save: write resume checkpoints (False on all but rank 0 in multi-process training).
-        map_location: where loaded tensors go.
-    """
-
-    def __init__(self, ckpt_dir: str, objects: dict, resume: bool = False, save: bool = True, map_location: Any = "cpu"):
-        self.ckpt_dir = ckpt_dir
-        self.objects = objects
-        self.resume = resume
-        self.save = save
-        self.map_location = map_location
-
-    def attach(self, engine: Any) -> None:
-        from monai.handlers import CheckpointLoader, CheckpointSaver
-
-        if self.resume:
-            path = latest_checkpoint(self.ckpt_dir)
-            if path is None:
-                logger.warning(f"resume requested but no resume checkpoint in {self.ckpt_dir}: training from scratch")
-            else:
-                logger.info(f"resuming from {path}")
-                CheckpointLoader(load_path=path, load_dict=self.objects, map_location=self.map_location).attach(engine)
-        if self.save:
-            from ignite.engine import Events
-
-            CheckpointSaver(
-                save_dir=self.ckpt_dir, save_dict=self.objects, file_prefix="resume", save_interval=1, n_saved=1
-            ).attach(engine)
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)
-
-    def _prune(self, _engine: Any = None) -> None:
-        """Deletes resume checkpoints older than the newest (a resumed run's saver does not know them)."""
-        newest = latest_checkpoint(self.ckpt_dir)
-        for path in glob.glob(os.path.join(self.ckpt_dir, "resume_checkpoint_epoch=*.pt")):
-            if path != newest:
-                os.remove(path)

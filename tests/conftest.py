@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -41,3 +42,36 @@ def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     generate_demo(out, num_train=8, num_val=2, num_test=2, size=(64, 64, 8), seed=0)
     return out
+
+
+CONFIGS = REPO / "configs"
+IMG = 64  # network input side for the tests (the bundle's default is 224)
+
+
+def bundle_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", *args, "--meta_file", str(CONFIGS / "metadata.json"),
+            "--logging_file", str(CONFIGS / "logging.conf")]
+
+
+def run(cmd: list[str], cwd: Path = REPO, timeout: int = 1200) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{res.stdout[-4000:]}\nSTDERR:\n{res.stderr[-4000:]}"
+    return res
+
+
+TRAIN_OVERRIDES = ["--img_size", str(IMG), "--batch_size", "16", "--num_workers", "0", "--optimizer_name", "adam",
+                   "--learning_rate", "0.003", "--lr_schedule", "constant"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, demo_dir) -> Path:
+    """A bundle root with weights trained for 20 epochs x 4 iterations of 16 demo slices (CPU)."""
+    root = tmp_path_factory.mktemp("bundle")
+    res = run(bundle_cmd("training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(root),
+                         "--dataset_dir", str(demo_dir), "--epochs", "20", "--val_interval", "10", *TRAIN_OVERRIDES))
+    (root / "train.log").write_text(res.stdout + res.stderr)
+    return root
+
+
+QUICK = ["--img_size", str(IMG), "--batch_size", "4", "--samples_per_volume", "2", "--num_workers", "0",
+         "--val_interval", "1", "--cache_rate", "0.0"]

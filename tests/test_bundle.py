@@ -3,48 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, shared_path
+from conftest import CONFIGS, IMG, QUICK, REPO, bundle_cmd, run
 from scripts.networks import LeViTUNet
-
-CONFIGS = REPO / "configs"
-IMG = 64  # network input side for the tests (the bundle's default is 224)
-
-
-def bundle_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", "run", *args, "--meta_file", str(CONFIGS / "metadata.json"),
-            "--logging_file", str(CONFIGS / "logging.conf")]
-
-
-def run(cmd: list[str], cwd: Path = REPO, timeout: int = 1200) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{res.stdout[-4000:]}\nSTDERR:\n{res.stderr[-4000:]}"
-    return res
-
-
-TRAIN_OVERRIDES = ["--img_size", str(IMG), "--batch_size", "16", "--num_workers", "0", "--optimizer_name", "adam",
-                   "--learning_rate", "0.003", "--lr_schedule", "constant"]
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, demo_dir) -> Path:
-    """A bundle root with weights trained for 20 epochs x 4 iterations of 16 demo slices (CPU)."""
-    root = tmp_path_factory.mktemp("bundle")
-    res = run(bundle_cmd("training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(root),
-                         "--dataset_dir", str(demo_dir), "--epochs", "20", "--val_interval", "10", *TRAIN_OVERRIDES))
-    (root / "train.log").write_text(res.stdout + res.stderr)
-    return root
 
 
 def test_training_writes_a_bare_state_dict_that_learned_the_phantoms(trained):
@@ -113,10 +83,6 @@ def test_missing_weights_are_reported_not_replaced_by_random_ones(demo_dir, tmp_
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-QUICK = ["--img_size", str(IMG), "--batch_size", "4", "--samples_per_volume", "2", "--num_workers", "0",
-         "--val_interval", "1", "--cache_rate", "0.0"]
-
-
 def test_resume_continues_from_the_last_epoch(demo_dir, tmp_path):
     base = bundle_cmd("training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(tmp_path),
                       "--dataset_dir", str(demo_dir), *QUICK)
@@ -138,9 +104,17 @@ def test_multi_gpu_config_under_torchrun_on_cpu(demo_dir, tmp_path):
            "--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir), "--epochs", "1", *QUICK]
     res = run(cmd)
     log = res.stdout + res.stderr
-    assert "val_mean_dice" in log
+    dist_dice = re.findall(r"Metrics -- .*val_mean_dice: ([0-9.]+)", log)
+    assert len(dist_dice) == 1, log[-3000:]  # logged once, by rank 0
     saved = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert saved == ["model.pt", "model_final.pt", "resume_checkpoint_epoch=1.pt"], saved
+    assert len(list((tmp_path / "eval").glob("events.out.tfevents*"))) == 1  # one TensorBoard writer
     sd = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in sd)  # the DDP wrapper's prefix is not saved
     LeViTUNet(img_size=IMG).load_state_dict(sd)
+    # the 2 processes' gathered validation = one process evaluating the same weights (model.pt: epoch 1's)
+    res = run(bundle_cmd("evaluating", "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']",
+                         "--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir), "--img_size", str(IMG),
+                         "--num_workers", "0", "--output_dir", str(tmp_path / "eval_single")))
+    single_dice = re.findall(r"Metrics -- .*val_mean_dice: ([0-9.]+)", res.stdout + res.stderr)
+    assert single_dice == dist_dice
