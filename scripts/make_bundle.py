@@ -20,13 +20,20 @@ Sources, so that the two bundles cannot drift apart:
   in MONAI's ``a#b#c`` path form; each must already exist in the Synapse metadata);
 - the model card is ``docs/README.md`` (Synapse) or the file ``configs/<task>_bundle.json`` names
   (``docs/acdc_README.md``), where the line ``<!-- make_bundle: architecture diagram from docs/README.md -->``
-  becomes the Synapse card's architecture diagram.
+  becomes the Synapse card's architecture diagram. Its "Performance" and "Speed" sections and the metadata's
+  ``eval_metrics`` are generated from ``docs/results/`` by ``python -m scripts.model_card``; a card or metadata
+  that differs from what that tool would write is refused (run it first), so no bundle carries stale figures;
+- ``large_files.yml`` (where published weights download from, the model zoo's format) is the root's file for
+  Synapse; for another task it is written from the ``"large_files"`` list of ``configs/<task>_bundle.json``
+  (empty: no weights published), never the root's, whose weights belong to another network.
+  ``python -m scripts.release_weights`` fills either list.
 
 Merging the Synapse preset into the root's files changes nothing, so ``synapse`` writes the root's
 ``configs/*.json``, ``configs/logging.conf``, ``docs/README.md``, ``LICENSE`` and ``large_files.yml`` byte
 for byte (``tests/test_make_bundle.py`` checks it).
 
-Every bundle also holds ``scripts/`` (without ``__pycache__``, without this repository tool, and without
+Every bundle also holds ``scripts/`` (without ``__pycache__``, without the repository tools ``make_bundle.py``,
+``model_card.py`` and ``release_weights.py``, and without
 what ``exclude_scripts`` of ``configs/<task>_bundle.json`` lists: ACDC drops ``demo.py``, whose synthetic data
 is Synapse-like CT), ``docs/data_license.txt``, an empty ``models/``, a short ``README.md`` and a relative
 ``metadata.json`` link to ``configs/metadata.json``. The bundle is written into a temporary sibling folder
@@ -39,10 +46,13 @@ Publishing the ACDC bundle in a release::
     python -m scripts.make_bundle acdc dist/levit_unet_acdc --force
     (cd dist && zip -ry levit_unet_acdc_v0.1.0.zip levit_unet_acdc)   # v: the "version" of its metadata.json
 
-then attach the zip to the release (and, once weights exist, put ``models/model.pt`` in it and list its URL
-and sha256 in ``large_files.yml``). MONAI Label serves the folder as it is: link ``dist/levit_unet_acdc``
-under the ``monaibundle`` app's ``model/`` folder. Raise the ACDC ``version`` / ``changelog`` in
-``configs/acdc_bundle.json`` for each published change.
+then attach the zip to the release. Weights are published apart from the zip: upload ``model.pt``, then
+``python -m scripts.release_weights --task acdc --file PATH/model.pt --path models/model.pt --url URL`` (checks
+it is a bare, unfused state_dict of the bundle's network and records its URL and sha256), regenerate the cards
+(``python -m scripts.model_card``) and the bundle; users fetch the weights with
+``python -m monai.bundle download_large_files --bundle_path levit_unet_acdc``. MONAI Label serves the folder as
+it is: link ``dist/levit_unet_acdc`` under the ``monaibundle`` app's ``model/`` folder. Raise the ACDC
+``version`` / ``changelog`` in ``configs/acdc_bundle.json`` for each published change.
 """
 
 from __future__ import annotations
@@ -59,9 +69,13 @@ from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("acdc", "synapse")
+ROOT_TASK = "synapse"  # the task whose bundle the repository root is
 CONFIG_FILES = ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json")
-COPIED_FILES = ("configs/logging.conf", "LICENSE", "large_files.yml", "docs/data_license.txt")
-REPO_ONLY_SCRIPTS = ("make_bundle.py",)  # tools of this repository, meaningless inside a bundle
+COPIED_FILES = ("configs/logging.conf", "LICENSE", "docs/data_license.txt")
+LARGE_FILES = "large_files.yml"
+LARGE_FILE_KEYS = ("path", "url", "hash_type", "hash_val")  # the model zoo's entries, in this order
+# tools of this repository (they edit its docs/ and configs/), meaningless inside a bundle
+REPO_ONLY_SCRIPTS = ("make_bundle.py", "model_card.py", "release_weights.py")
 DIAGRAM_MARKER = "<!-- make_bundle: architecture diagram from docs/README.md -->"
 ID = "#"  # MONAI's key-path separator
 
@@ -190,7 +204,7 @@ def load_task_data(task: str, repo: Path = REPO) -> dict[str, Any]:
     """``configs/<task>_bundle.json`` (metadata overrides, model card, scripts to leave out); {} if absent."""
     path = repo / "configs" / f"{task}_bundle.json"
     data = _read_json(path) if path.exists() else {}
-    unknown = set(data) - {"metadata", "model_card", "exclude_scripts", "_comment"}
+    unknown = set(data) - {"metadata", "model_card", "exclude_scripts", "large_files", "_comment"}
     if unknown:
         raise BundleError(f"{path}: unknown keys {sorted(unknown)}")
     return data
@@ -207,6 +221,13 @@ def build_configs(task: str, repo: Path = REPO) -> dict[str, str]:
     if set(preset) - used:
         raise BundleError(f"configs/{task}.json keys {sorted(set(preset) - used)} are defined by no config")
     return texts
+
+
+def bundle_network(task: str, repo: Path = REPO) -> dict[str, Any]:
+    """``variant``, ``img_size`` and ``num_classes`` of the network the ``task`` bundle's inference config builds
+    (what its ``models/model.pt`` must fit)."""
+    config = json.loads(build_configs(task, repo)["inference.json"])
+    return {k: config[k] for k in ("variant", "img_size", "num_classes")}
 
 
 def build_metadata(task: str, repo: Path = REPO) -> str:
@@ -257,9 +278,96 @@ def build_model_card(task: str, repo: Path = REPO) -> str:
     return template.replace(DIAGRAM_MARKER, _architecture_diagram(card))
 
 
-def build_readme(task: str, metadata: dict[str, Any], preset: dict[str, Any]) -> str:
+LARGE_FILES_HEADER = """\
+# Weights are never committed. A release lists here where each file downloads from, in the MONAI model
+# zoo's format: path (in the bundle), url, hash_type (sha256), hash_val; written by
+# `python -m scripts.release_weights` in the source repository. Fetch and check them with
+# `python -m monai.bundle download_large_files --bundle_path BUNDLE_DIR`.
+"""
+NO_WEIGHTS = "# No trained weights are published yet: models/model.pt comes from running the training profiles.\n"
+
+
+def check_large_files(entries: Any, what: str) -> list[dict[str, str]]:
+    """``entries`` if it is a list of model-zoo large-file entries (exactly ``path``, ``url``, ``hash_type``,
+    ``hash_val``, all non-empty strings; relative, distinct paths inside the bundle); raises otherwise."""
+    if not isinstance(entries, list):
+        raise BundleError(f"{what}: large_files must be a list, got {type(entries).__name__}")
+    paths = set()
+    for entry in entries:
+        if not isinstance(entry, dict) or sorted(entry) != sorted(LARGE_FILE_KEYS):
+            raise BundleError(f"{what}: a large_files entry must have exactly the keys {LARGE_FILE_KEYS}: {entry!r}")
+        if not all(isinstance(entry[k], str) and entry[k] for k in LARGE_FILE_KEYS):
+            raise BundleError(f"{what}: every value of a large_files entry must be a non-empty string: {entry!r}")
+        path = Path(entry["path"])
+        if path.is_absolute() or ".." in path.parts:
+            raise BundleError(f"{what}: {entry['path']!r} must be a path inside the bundle")
+        if entry["path"] in paths:
+            raise BundleError(f"{what}: {entry['path']!r} is listed twice")
+        paths.add(entry["path"])
+    return entries
+
+
+def render_large_files(entries: Sequence[dict[str, str]]) -> str:
+    """``large_files.yml`` text (YAML; the strings JSON-quoted, which YAML reads as they are)."""
+    entries = check_large_files(list(entries), LARGE_FILES)
+    if not entries:
+        return LARGE_FILES_HEADER + NO_WEIGHTS + "large_files: []\n"
+    lines = ["large_files:"]
+    for entry in entries:
+        lines += [f"  - {LARGE_FILE_KEYS[0]}: {json.dumps(entry[LARGE_FILE_KEYS[0]])}"]
+        lines += [f"    {k}: {json.dumps(entry[k])}" for k in LARGE_FILE_KEYS[1:]]
+    return LARGE_FILES_HEADER + "\n".join(lines) + "\n"
+
+
+def task_large_files(task: str, repo: Path = REPO) -> list[dict[str, str]]:
+    """The published files of the ``task`` bundle: the root's ``large_files.yml`` for the root task, else the
+    ``"large_files"`` list of ``configs/<task>_bundle.json`` (absent: none)."""
+    if task == ROOT_TASK:
+        import yaml
+
+        path = repo / LARGE_FILES
+        try:
+            content = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise BundleError(f"cannot read {path}: {e}") from e
+        if not isinstance(content, dict) or "large_files" not in content:
+            raise BundleError(f"{path}: expected a mapping with a 'large_files' list")
+        return check_large_files(content["large_files"], str(path))
+    return check_large_files(load_task_data(task, repo).get("large_files", []), f"configs/{task}_bundle.json")
+
+
+def build_large_files(task: str, repo: Path = REPO) -> str:
+    """The bundle's ``large_files.yml``: the root's file as it is for the root task, else rendered."""
+    if task == ROOT_TASK:
+        task_large_files(task, repo)  # checked
+        return (repo / LARGE_FILES).read_text()
+    return render_large_files(task_large_files(task, repo))
+
+
+def check_generated(task: str, repo: Path = REPO) -> None:
+    """Refuses a model card or metadata that ``python -m scripts.model_card`` would change (stale figures)."""
+    from scripts.model_card import ModelCardError, stale_files
+
+    try:
+        stale = stale_files(repo, tasks=[task])
+    except ModelCardError as e:
+        raise BundleError(str(e)) from e
+    if stale:
+        raise BundleError(f"{', '.join(stale)} differ from what docs/results/ and the weights list give: "
+                          "run `python -m scripts.model_card` first")
+
+
+def build_readme(task: str, metadata: dict[str, Any], preset: dict[str, Any],
+                 large_files: Sequence[dict[str, str]] = ()) -> str:
     """The bundle's short README: what it is, where the model card is, the commands."""
     data = f"/data/{task}"
+    if large_files:
+        listed = ", ".join(f"`{e['path']}`" for e in large_files)
+        weights = (f"Published weights ({listed}) are listed in `large_files.yml`: fetch them with\n"
+                   "`python -m monai.bundle download_large_files --bundle_path .`.")
+    else:
+        weights = ("No trained weights are published yet:\n`models/model.pt` comes from the training below "
+                   "(or pass `--checkpoint PATH`).")
     prepare = "\n".join(
         f"# {what}\npython -m scripts.prepare_data {cmd} --output {data}" for what, cmd in PREPARE[task]
     )
@@ -272,8 +380,7 @@ Bundle version {metadata['version']}. The model card, with data licence, trainin
 accuracy, is [docs/README.md](docs/README.md). Labels: {labels}.
 
 This folder was generated by `python -m scripts.make_bundle {task} OUT_DIR` in the LeViT-UNet bundle
-repository; regenerate it there rather than editing it. No trained weights are published yet:
-`models/model.pt` comes from the training below (or pass `--checkpoint PATH`).
+repository; regenerate it there rather than editing it. {weights}
 
 Commands (from this folder; Python with the packages of `configs/metadata.json`):
 
@@ -310,6 +417,8 @@ def _write_tree(task: str, dest: Path, repo: Path = REPO) -> None:
     configs = build_configs(task, repo)
     metadata = build_metadata(task, repo)
     card = build_model_card(task, repo)
+    large_files = build_large_files(task, repo)
+    check_generated(task, repo)
     excluded = set(REPO_ONLY_SCRIPTS) | set(load_task_data(task, repo).get("exclude_scripts", []))
 
     (dest / "configs").mkdir()
@@ -320,8 +429,9 @@ def _write_tree(task: str, dest: Path, repo: Path = REPO) -> None:
     (dest / "configs" / "metadata.json").write_text(metadata)
     for rel in COPIED_FILES:
         shutil.copyfile(repo / rel, dest / rel)
+    (dest / LARGE_FILES).write_text(large_files)
     (dest / "docs" / "README.md").write_text(card)
-    (dest / "README.md").write_text(build_readme(task, json.loads(metadata), preset))
+    (dest / "README.md").write_text(build_readme(task, json.loads(metadata), preset, task_large_files(task, repo)))
 
     scripts = repo / "scripts"
 

@@ -108,7 +108,9 @@ def test_multi_gpu_config_under_torchrun_on_cpu(demo_dir, tmp_path):
     assert len(dist_dice) == 1, log[-3000:]  # logged once, by rank 0
     saved = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert saved == ["model.pt", "model_final.pt", "resume_checkpoint_epoch=1.pt"], saved
-    assert len(list((tmp_path / "eval").glob("events.out.tfevents*"))) == 1  # one TensorBoard writer
+    # every rank builds the handler objects (an empty events file each), only rank 0's hold scalars
+    written = [p for p in (tmp_path / "eval").glob("events.out.tfevents*") if p.stat().st_size > 200]
+    assert written and len({p.name.split(".")[-2] for p in written}) == 1, [(p.name, p.stat().st_size) for p in written]
     sd = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in sd)  # the DDP wrapper's prefix is not saved
     LeViTUNet(img_size=IMG).load_state_dict(sd)

@@ -17,7 +17,16 @@ import torch
 from monai.bundle import ConfigWorkflow, verify_metadata
 
 from conftest import REPO, shared_path
-from scripts.make_bundle import DIAGRAM_MARKER, BundleError, main, make_bundle, merge_preset, set_values
+from scripts.make_bundle import (
+    DIAGRAM_MARKER,
+    BundleError,
+    main,
+    make_bundle,
+    merge_preset,
+    render_large_files,
+    set_values,
+    task_large_files,
+)
 from scripts.networks import LeViTUNet
 from scripts.prepare_data import convert_acdc_ssl4mis
 from test_prepare_data import ssl4mis  # noqa: F401  (fixture)
@@ -57,7 +66,8 @@ def assert_bundle_layout(out: Path) -> None:
     assert (out / "README.md").read_text().startswith("# LeViT-UNet ")
     for rel in ("__init__.py", "utils.py", "inferer.py", "prepare_data.py", "networks/levit_unet.py"):
         assert (out / "scripts" / rel).is_file(), rel
-    assert not (out / "scripts" / "make_bundle.py").exists()
+    for tool in ("make_bundle.py", "model_card.py", "release_weights.py"):  # they edit the repository
+        assert not (out / "scripts" / tool).exists(), tool
     assert not [p for p in out.rglob("*") if p.name == "__pycache__" or p.suffix == ".pyc"]
 
 
@@ -143,7 +153,8 @@ def test_acdc_model_card(acdc_bundle):
     assert DIAGRAM_MARKER not in card and "make_bundle:" not in card
     diagram = re.search(r"## Model architecture\n(```.*?```)", root_card, re.S).group(1)
     assert diagram in card
-    assert "No trained weights are published yet" in card
+    if not task_large_files("acdc"):
+        assert "No trained weights are published yet" in card
     for row in ("| LeViT-UNet-384 (paper) | 90.32 | 89.55 | 87.64 | 93.76 |",
                 "| Swin-Unet (paper) | 90.00 | 88.55 | 85.62 | 95.83 |",
                 "| TransUNet (paper) | 89.71 | 88.86 | 84.54 | 95.73 |"):
@@ -180,7 +191,8 @@ def test_acdc_model_card_parameter_counts(acdc_bundle):
 def test_acdc_bundle_properties(config, workflow_type, acdc_bundle, ssl4mis, tmp_path):  # noqa: F811
     data = convert_acdc_ssl4mis(ssl4mis[0], tmp_path / "acdc").parent
     checkpoint = tmp_path / "model.pt"
-    torch.save(LeViTUNet(out_channels=4).state_dict(), checkpoint)
+    img_size = json.loads((acdc_bundle / "configs" / "inference.json").read_text())["img_size"]
+    torch.save(LeViTUNet(out_channels=4, img_size=img_size).state_dict(), checkpoint)
     wf = ConfigWorkflow(config_file=str(acdc_bundle / "configs" / config),
                         meta_file=str(acdc_bundle / "configs" / "metadata.json"), workflow_type=workflow_type,
                         bundle_root=str(acdc_bundle), dataset_dir=str(data), input=str(data / "imagesTr" / "*.nii.gz"),
@@ -188,7 +200,7 @@ def test_acdc_bundle_properties(config, workflow_type, acdc_bundle, ssl4mis, tmp
     wf.initialize()
     assert wf.check_properties() == []
     with torch.no_grad():
-        assert wf.parser.get_parsed_content("network_def").eval()(torch.zeros(1, 1, 224, 224)).shape[1] == 4
+        assert wf.parser.get_parsed_content("network_def").eval()(torch.zeros(1, 1, img_size, img_size)).shape[1] == 4
     if workflow_type == "train":
         assert len(wf.parser.get_parsed_content("train#dataset#data")) == 1  # the fixture's training case
 
@@ -283,7 +295,8 @@ def test_never_replaces_the_repository(fake_repo):
 
 def test_a_failure_leaves_no_half_bundle(fake_repo, tmp_path):
     out = tmp_path / "dist" / "levit_unet_acdc"
-    (fake_repo / "docs" / "README.md").write_text("# a card without an architecture section\n")
+    card = fake_repo / "docs" / "README.md"  # a card without an architecture section (generated blocks intact)
+    card.write_text(card.read_text().replace("## Model architecture", "## Architecture"))
     with pytest.raises(BundleError, match="Model architecture"):
         make_bundle("acdc", out, repo=fake_repo)
     assert not out.exists() and leftovers(out.parent) == []
@@ -310,6 +323,36 @@ def test_preset_keys_must_exist_in_the_configs(fake_repo, tmp_path):
     with pytest.raises(BundleError, match="modalty"):
         make_bundle("acdc", tmp_path / "out", repo=fake_repo)
     assert not (tmp_path / "out").exists()
+
+
+def test_large_files_come_from_the_task_never_from_another_bundle(fake_repo, tmp_path):
+    """The root's large_files.yml lists the Synapse weights; the ACDC bundle's is written from its own list."""
+    synapse_entry = {"path": "models/model.pt", "url": "https://example.org/synapse/model.pt", "hash_type": "sha256",
+                     "hash_val": "a" * 64}
+    (fake_repo / "large_files.yml").write_text(render_large_files([synapse_entry]))
+    assert task_large_files("synapse", fake_repo) == [synapse_entry]
+    assert task_large_files("acdc", fake_repo) == []
+    with pytest.raises(BundleError, match="scripts.model_card"):
+        make_bundle("synapse", tmp_path / "synapse", repo=fake_repo)  # its card must now say weights exist
+    from scripts.model_card import main as model_card
+
+    assert model_card(["--repo", str(fake_repo)]) == 0
+    acdc = make_bundle("acdc", tmp_path / "acdc", repo=fake_repo)
+    synapse = make_bundle("synapse", tmp_path / "synapse", repo=fake_repo)
+    assert (synapse / "large_files.yml").read_bytes() == (fake_repo / "large_files.yml").read_bytes()
+    assert (acdc / "large_files.yml").read_text() == render_large_files([])
+    assert "large_files: []" in (acdc / "large_files.yml").read_text()
+    assert "No trained weights are published yet" in (acdc / "README.md").read_text()
+    assert "Published weights (`models/model.pt`)" in (synapse / "README.md").read_text()
+    data = json.loads((fake_repo / "configs" / "acdc_bundle.json").read_text())
+    data["large_files"] = [{**synapse_entry, "size": 1}]
+    (fake_repo / "configs" / "acdc_bundle.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="exactly the keys"):
+        make_bundle("acdc", tmp_path / "bad", repo=fake_repo)
+
+
+def test_root_large_files_is_in_the_rendered_form():
+    assert (REPO / "large_files.yml").read_text() == render_large_files(task_large_files("synapse"))
 
 
 def test_set_values_keeps_every_other_byte():

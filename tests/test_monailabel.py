@@ -8,7 +8,10 @@ small random-but-fixed weights; no trained weights exist) and check that
 * ``BundleInferTask`` segments a real CT volume (and an LPS-oriented crop of it) into the very label map,
   voxel for voxel and on the input's grid, that the bundle's own ``python -m monai.bundle run ... inference.json``
   writes with the same weights, and reports the bundle's label names;
-* one ``BundleTrainTask`` epoch on a tiny local datastore rewrites ``models/model.pt`` (a bare state_dict).
+* one ``BundleTrainTask`` epoch on a tiny local datastore rewrites ``models/model.pt`` (a bare state_dict);
+* ``BundleInferTask`` serves the ACDC bundle that ``python -m scripts.make_bundle acdc`` writes: it reports the
+  labels right_ventricle / myocardium / left_ventricle and segments a real ACDC validation volume (converted from
+  the SSL4MIS HDF5 files to NIfTI) on the input's grid, voxel for voxel as the ACDC bundle's own inference.
 
 Without the environment they skip with the reason, unless ``REQUIRE_MONAILABEL=1`` (set by ``.ci/run``).
 """
@@ -28,11 +31,14 @@ import pytest
 import torch
 
 from conftest import REPO, shared_path
+from scripts.make_bundle import make_bundle as build_bundle
 from scripts.networks import LeViTUNet
+from scripts.prepare_data import convert_acdc_ssl4mis
 
 VENV = REPO / os.environ.get("MONAILABEL_VENV", ".venv-monailabel")
 CHECK = REPO / "tests" / "monailabel_check.py"
 BUNDLE_NAME = "levit_unet_synapse"
+ACDC_CASE = "patient045_frame01"  # the smallest ACDC validation volume of the SSL4MIS files (8 slices)
 TRAIN_IMG = 64  # network side for the training epoch (the bundle's default, 224, is kept for inference)
 
 
@@ -56,6 +62,16 @@ def make_bundle(root: Path, img_size: int) -> Path:
     torch.manual_seed(0)
     torch.save(LeViTUNet(img_size=img_size).state_dict(), bundle / "models" / "model.pt")
     return bundle
+
+
+def bundle_inference(bundle: Path, inputs: str, out: Path) -> None:
+    """The bundle's own inference (main environment): ``python -m monai.bundle run`` with its inference.json."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", str(bundle / "configs" / "metadata.json"),
+           "--config_file", str(bundle / "configs" / "inference.json"),
+           "--logging_file", str(bundle / "configs" / "logging.conf"), "--bundle_root", str(bundle),
+           "--input", inputs, "--output_dir", str(out)]
+    res = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{res.stdout[-3000:]}\nSTDERR:\n{res.stderr[-3000:]}"
 
 
 def run_check(py: Path, out: Path, *args: str) -> dict:
@@ -104,12 +120,7 @@ def test_monailabel_infer_equals_the_bundles_own_inference(tmp_path):
 
     # the bundle's own inference (main environment), same weights
     own = tmp_path / "bundle_out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--meta_file", str(bundle / "configs" / "metadata.json"),
-           "--config_file", str(bundle / "configs" / "inference.json"),
-           "--logging_file", str(bundle / "configs" / "logging.conf"), "--bundle_root", str(bundle),
-           "--input", str(inputs / "*.nii.gz"), "--output_dir", str(own)]
-    res = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{res.stdout[-3000:]}\nSTDERR:\n{res.stderr[-3000:]}"
+    bundle_inference(bundle, str(inputs / "*.nii.gz"), own)
 
     # MONAI Label's BundleInferTask (its own environment), same bundle folder
     report = run_check(py, tmp_path / "monailabel", "--infer-bundle", str(bundle), "--images", *map(str, images))
@@ -159,3 +170,40 @@ def test_monailabel_train_epoch_updates_the_model(tmp_path, demo_dir):
     sd = torch.load(model, weights_only=True)  # still a bare state_dict the bundle (and MONAI Label) load
     LeViTUNet(img_size=TRAIN_IMG).load_state_dict(sd)
     assert "model_final.pt" in train["models"]
+
+
+def test_monailabel_segments_an_acdc_volume_with_the_acdc_bundle(tmp_path):
+    """The ACDC bundle as ``make_bundle`` writes it, served by MONAI Label's ``BundleInferTask``, on a real ACDC
+    validation volume converted to NIfTI.
+
+    The weights are a randomly initialised (seeded) 4-class network saved as ``models/model.pt``: this checks the
+    mechanics (the bundle loads, the label names MONAI Label reports, the output's geometry, and that MONAI Label
+    computes the bundle's own label map), not accuracy. No trained ACDC weights are published.
+    """
+    py = venv_python()
+    data = convert_acdc_ssl4mis(shared_path("data", "acdc_ssl4mis"), tmp_path / "acdc", cases=[ACDC_CASE]).parent
+    image = data / "imagesTr" / f"{ACDC_CASE}.nii.gz"
+    bundle = build_bundle("acdc", tmp_path / "levit_unet_acdc")
+    torch.manual_seed(0)
+    torch.save(LeViTUNet(out_channels=4).state_dict(), bundle / "models" / "model.pt")
+
+    own = tmp_path / "bundle_out"
+    bundle_inference(bundle, str(image), own)
+    report = run_check(py, tmp_path / "monailabel", "--infer-bundle", str(bundle), "--images", str(image))
+    infer = report["infer"]
+    expected = {"right_ventricle": 1, "myocardium": 2, "left_ventricle": 3}  # RV / myocardium / LV, no background
+    assert infer["labels"] == expected, infer["labels"]
+    assert infer["type"].lower().endswith("segmentation")
+    out = infer["outputs"][str(image)]
+    assert out["label_names"] == expected
+
+    ref, theirs = nib.load(image), nib.load(out["label_file"])
+    mine = nib.load(own / f"{ACDC_CASE}_seg.nii.gz")
+    b, a = np.asarray(theirs.dataobj), np.asarray(mine.dataobj)
+    assert b.shape == a.shape == ref.shape, (b.shape, a.shape, ref.shape)
+    np.testing.assert_allclose(theirs.affine, ref.affine, atol=1e-4)
+    np.testing.assert_allclose(theirs.header.get_zooms()[:3], ref.header.get_zooms()[:3], atol=1e-5)
+    assert np.array_equal(b, np.round(b)) and set(np.unique(b).tolist()) <= {0, 1, 2, 3}
+    differ = int((a.astype(np.int64) != b.astype(np.int64)).sum())
+    assert differ == 0, f"{differ} of {a.size} voxels differ between MONAI Label and the ACDC bundle's own inference"
+    assert len(np.unique(a)) > 1, "a constant label map would make the comparison vacuous"

@@ -74,6 +74,23 @@ def test_bundle_properties(config, workflow_type, demo_dir, tmp_path):
     assert wf.check_properties() == []
 
 
+def test_large_files_list_is_what_monai_reads(tmp_path):
+    """MONAI's reader of the zoo's large_files.yml (``monai.bundle.download_large_files``) accepts the root's list;
+    every entry (none until weights are published) has exactly path, url, hash_type sha256 and hash_val."""
+    from monai.bundle import ConfigParser, download_large_files
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "large_files.yml"))
+    entries = parser.get()["large_files"]
+    assert isinstance(entries, list)
+    for entry in entries:
+        assert sorted(entry) == ["hash_type", "hash_val", "path", "url"] and entry["hash_type"] == "sha256"
+    if not entries:  # nothing to download: MONAI reads the list and does nothing (no network here)
+        shutil.copy(REPO / "large_files.yml", tmp_path / "large_files.yml")
+        download_large_files(bundle_path=str(tmp_path))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["large_files.yml"]
+
+
 def test_license_and_no_committed_weights():
     assert (REPO / "LICENSE").read_text().startswith(" " * 33 + "Apache License")
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
