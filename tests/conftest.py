@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import subprocess
 import sys
@@ -17,6 +18,17 @@ if str(REPO) not in sys.path:
 
 # torch >= 2.10 warns that TorchScript is deprecated (the model zoo still exports with it).
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+
+
+@pytest.fixture(autouse=True)
+def _environment_locale():
+    """Text I/O in the locale of the environment: a native library loaded by an earlier test can switch the
+    process to the "C" locale, and Python would then decode the subprocess logs (progress bars) as ASCII."""
+    try:
+        locale.setlocale(locale.LC_CTYPE, "")
+    except locale.Error:
+        pass
+    yield
 
 
 def shared_path(*parts: str) -> Path:
@@ -54,7 +66,7 @@ def bundle_cmd(*args: str) -> list[str]:
 
 
 def run(cmd: list[str], cwd: Path = REPO, timeout: int = 1200) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     assert res.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{res.stdout[-4000:]}\nSTDERR:\n{res.stderr[-4000:]}"
     return res
 

@@ -185,7 +185,8 @@ def test_monailabel_segments_an_acdc_volume_with_the_acdc_bundle(tmp_path):
     image = data / "imagesTr" / f"{ACDC_CASE}.nii.gz"
     bundle = build_bundle("acdc", tmp_path / "levit_unet_acdc")
     torch.manual_seed(0)
-    torch.save(LeViTUNet(out_channels=4).state_dict(), bundle / "models" / "model.pt")
+    img_size = json.loads((bundle / "configs" / "inference.json").read_text())["img_size"]
+    torch.save(LeViTUNet(out_channels=4, img_size=img_size).state_dict(), bundle / "models" / "model.pt")
 
     own = tmp_path / "bundle_out"
     bundle_inference(bundle, str(image), own)
