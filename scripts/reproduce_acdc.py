@@ -141,7 +141,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
     "cpu": {
         "variant": "128s",
         "img_size": 128,
-        "epochs": 72,
+        "epochs": 100,
         "samples_per_volume": 2,
         "batch_size": 8,
         "rot90_prob": 0.0,
@@ -150,7 +150,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "lr": 1e-3,
         "lr_schedule": "cosine",
         "weight_decay": 1e-4,
-        "val_interval": 12,
+        "val_interval": 10,
         "num_workers": 0,
         "train_precision": "bf16",
         "amp": False,
