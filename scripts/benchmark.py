@@ -7,7 +7,8 @@ several forms, the peak memory of each measurement, and the fraction of the mach
 ceiling (fp32 or bf16, by the dtype the form computes in) that the model achieves.
 
 Forms: ``eager_fp32`` (``model.eval()`` under ``torch.inference_mode``), ``fused`` (``model.fuse()``: every
-BatchNorm folded), ``fused_cl`` (+ channels_last model and input), ``fused_cl_bf16`` (+ bf16 autocast).
+BatchNorm folded), ``fused_cl`` (+ channels_last model and input), ``fused_cl_bf16`` (+ bf16 autocast:
+the form ``LeViTSliceInferer`` runs by default on a CPU with native bf16, ``fused_cl`` on one without).
 Peers have no ``fuse()``: they run ``eager_fp32``, ``cl`` and ``cl_bf16``. Training (``--train``, forward +
 cross-entropy + backward + Adam step on one batch created once on the device, random labels) runs
 ``eager_fp32`` and ``cl_bf16``; its ceiling fraction counts the measured forward + backward FLOPs.
@@ -28,6 +29,14 @@ Examples (from the bundle root)::
     python -m scripts.benchmark --variants 128s --iters 2 --warmup 1 --threads 2   # smoke run
 
 UNETR and SwinUNETR need ``einops``; a model that cannot be built or run is reported with its error.
+
+``--volume`` times something else: a whole CT-like volume (``--volume-shape``, default 512 x 512 x 150)
+segmented through the bundle's inference config (``configs/inference.json`` + the Synapse preset, as
+``python -m monai.bundle run`` runs it), per stage and in total, with the peak resident set of the process
+doing it; random weights (speed does not depend on them). See ``scripts/volume_benchmark.py``::
+
+    python -m scripts.benchmark --volume --threads 2 --json volume.json              # 128s, 512 x 512 x 150
+    python -m scripts.benchmark --volume --volume-shape 512 512 600 --variants 128s 384 --repeats 1
 """
 
 from __future__ import annotations
@@ -237,6 +246,13 @@ def measure_ceiling(device: torch.device, size: int, timing: Tuple[int, int, int
     return out
 
 
+def _load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages (other work on the machine skews the timings), where known."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
 def environment(args: argparse.Namespace) -> Dict[str, Any]:
     """Date, command line, git commit, versions, threads, CPU / GPU model and native bf16 support."""
     cpu = None
@@ -266,6 +282,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu": cpu,
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average": _load_average(),
     }
     for flag in ("avx512_bf16", "amx_tile"):
         probe = getattr(torch.cpu, f"_is_{flag}_supported", None)
@@ -281,9 +298,9 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
 
 def markdown(results: Dict[str, Any], batch_sizes: List[int], train_batch: int) -> str:
     top = str(max(batch_sizes))
-    head = ["model", "form", *(f"b{b} img/s" for b in batch_sizes), "params M", "GMac"]
+    head = ["model", "form", *(f"b{b} img/s" for b in batch_sizes), f"x eager_fp32 (b{top})", "params M", "GMac"]
     head += [f"% ceiling (b{top})", f"peak MB (b{top})"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines: List[str] = []
     train_rows = []
     for name, res in results.items():
         if "error" in res:
@@ -294,7 +311,9 @@ def markdown(results: Dict[str, Any], batch_sizes: List[int], train_batch: int) 
                 lines.append(f"| {name} | {form} | error: {per_batch['error']} |")
                 continue
             r = per_batch[top]
+            eager = res["inference"].get("eager_fp32", {}).get(top, {}).get("img_s")
             cells = [name, form, *(_fmt(per_batch[str(b)]["img_s"]) for b in batch_sizes)]
+            cells.append(_fmt(r["img_s"] / eager, 2) if eager else "-")
             cells += [_fmt(res["params_m"], 2), _fmt(res["gmac"], 2), _fmt(r["ceiling_pct"]), _fmt(r["peak_mb"], 0)]
             lines.append("| " + " | ".join(cells) + " |")
         for form, per_batch in res.get("train", {}).items():
@@ -302,22 +321,29 @@ def markdown(results: Dict[str, Any], batch_sizes: List[int], train_batch: int) 
             if "error" in r:
                 cells = [name, form, f"error: {r['error']}"]
             else:
-                cells = [name, form, _fmt(r["img_s"], 2), _fmt(res["train_gmac"], 2)]
+                eager = res["train"].get("eager_fp32", {}).get(str(train_batch), {}).get("img_s")
+                cells = [name, form, _fmt(r["img_s"], 2), _fmt(r["img_s"] / eager, 2) if eager else "-"]
+                cells += [_fmt(res["train_gmac"], 2)]
                 cells += [_fmt(r["ceiling_pct"]), _fmt(r["peak_mb"], 0)]
             train_rows.append("| " + " | ".join(cells) + " |")
+    if lines:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
     if train_rows:
         lines += ["", f"Training, batch {train_batch} (forward + cross-entropy + backward + Adam step):", ""]
-        lines += ["| model | form | img/s | train GMac/img | % ceiling | peak MB |", "|---|---|---|---|---|---|"]
+        lines += ["| model | form | img/s | x eager_fp32 | train GMac/img | % ceiling | peak MB |", "|" + "---|" * 7]
         lines += train_rows
     return "\n".join(lines)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS, help="LeViT-UNet variants")
+    p.add_argument("--variants", nargs="*", default=None, choices=VARIANTS,
+                   help="LeViT-UNet variants (default: all three; with --volume: 128s)")
     p.add_argument("--peers", nargs="*", choices=PEERS, default=None, help="MONAI peers; bare --peers = all of them")
     p.add_argument("--forms", nargs="*", choices=list(FORMS), default=None, help="only these forms (default all)")
     p.add_argument("--train", action="store_true", help="also measure training throughput")
+    p.add_argument("--no-inference", action="store_true",
+                   help="with --train: training only (e.g. a second, shorter run after the inference one)")
     p.add_argument("--train-variants", nargs="*", default=["128s"], choices=VARIANTS, help="variants --train trains")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
@@ -330,13 +356,60 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (median reported; ceiling: best)")
     p.add_argument("--matmul-size", type=int, default=None, help="ceiling matmul side (CPU 2048, CUDA 8192)")
     p.add_argument("--json", type=Path, default=None, help="write every figure and the environment here")
+    p.add_argument("--markdown", type=Path, default=None, help="write the environment and the tables here")
+    p.add_argument("--volume", action="store_true", help="time whole-volume inference through configs/inference.json")
+    p.add_argument("--volume-shape", nargs=3, type=int, default=[512, 512, 150], metavar=("X", "Y", "Z"),
+                   help="--volume: voxels, axial slices along Z (default 512 512 150)")
+    p.add_argument("--volume-dir", type=Path, default=None,
+                   help="keep the phantom, bundle root, predictions and logs here (default: a temporary folder)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="--volume: slices per network call (config: 8)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="--volume: the config's infer_precision (config: auto)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+def write_outputs(args: argparse.Namespace, report: Dict[str, Any], text: str) -> None:
+    """``--json``: the whole report; ``--markdown``: the printed environment and tables. Both record the load
+    average at the end next to the one at the start (``environment.load_average``)."""
+    report["environment"]["load_average_end"] = _load_average()
+    text += f"\n\n- load average (1, 5, 15 min) at the end: {report['environment']['load_average_end']}"
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.markdown is not None:
+        args.markdown.write_text(text + "\n")
+        print(f"wrote {args.markdown}", file=sys.stderr)
+
+
+def main_volume(args: argparse.Namespace, env: Dict[str, Any]) -> int:
+    """``--volume``: whole-volume inference through the bundle's inference config."""
+    from scripts.volume_benchmark import run_volume_benchmark, volume_markdown
+
+    report = run_volume_benchmark(
+        args.volume_shape, args.variants or ["128s"], args.img_size, args.threads, args.repeats,
+        args.sw_batch_size, args.precision, args.volume_dir,
+    )
+    settings = {"img_size": args.img_size, "threads": args.threads, "repeats": args.repeats,
+                "sw_batch_size": args.sw_batch_size, "precision": args.precision}
+    table = volume_markdown(report)
+    print(table)
+    write_outputs(args, {"environment": env, "settings": settings, **report}, environment_markdown(env) + table)
+    return 0
+
+
+def environment_markdown(env: Dict[str, Any], ceiling: Optional[Dict[str, float]] = None) -> str:
+    text = "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
+    if ceiling is not None:
+        text += f"- matmul ceiling GFLOP/s: fp32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f}\n\n"
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.no_inference and not args.train:
+        raise SystemExit("--no-inference needs --train (there would be nothing to measure)")
     if args.worker:  # one measurement, in its own interpreter
         job = json.loads(args.worker)
         torch.set_num_threads(job["threads"])
@@ -347,13 +420,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     env = environment(args)
-    print("\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n", flush=True)
+    print(environment_markdown(env), flush=True)
+    if args.volume:
+        return main_volume(args, env)
     timing = (args.warmup, args.iters, args.repeats, args.min_time)
     ceiling = measure_ceiling(device, args.matmul_size or (8192 if device.type == "cuda" else 2048), timing)
     print(f"- matmul ceiling GFLOP/s: fp32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f}\n", flush=True)
 
-    models = [(f"LeViT-UNet-{v}", LEVIT_FORMS, v in args.train_variants) for v in args.variants]
+    models = [(f"LeViT-UNet-{v}", LEVIT_FORMS, v in args.train_variants) for v in args.variants or VARIANTS]
     models += [(name, PEER_FORMS, True) for name in (PEERS if args.peers == [] else args.peers or [])]
+    if args.no_inference:
+        models = [m for m in models if m[2]]
     job_base = {k: getattr(args, k) for k in ("device", "threads", "img_size", "batch_sizes", "train_batch")}
     job_base.update(warmup=args.warmup, iters=args.iters, repeats=args.repeats, min_time=args.min_time)
     results: Dict[str, Any] = {}
@@ -364,7 +441,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:  # noqa: BLE001 - e.g. a peer needing einops: report it and go on
             results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
             continue
-        tasks = [("infer", f) for f in forms] + ([("train", f) for f in TRAIN_FORMS] if args.train and trains else [])
+        tasks = [] if args.no_inference else [("infer", f) for f in forms]
+        tasks += [("train", f) for f in TRAIN_FORMS] if args.train and trains else []
         for task, form in tasks:
             if args.forms is not None and form not in args.forms:
                 continue
@@ -378,12 +456,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         res["best_inference_form"] = max(best, key=best.__getitem__) if best else None
         results[name] = res
 
-    print(markdown(results, sorted(args.batch_sizes), args.train_batch))
-    if args.json is not None:
-        settings = {k: v for k, v in job_base.items() if k not in ("device", "threads")}
-        report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}", file=sys.stderr)
+    table = markdown(results, sorted(args.batch_sizes), args.train_batch)
+    print(table)
+    settings = {k: v for k, v in job_base.items() if k not in ("device", "threads")}
+    report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
+    write_outputs(args, report, environment_markdown(env, ceiling) + table)
     return 0
 
 

@@ -16,7 +16,8 @@ def test_benchmark_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "scripts.benchmark", "--variants", "128s", "--img-size", "64", "--iters", "1",
            "--warmup", "0", "--repeats", "1", "--batch-sizes", "1", "--threads", "1", "--matmul-size", "64",
-           "--forms", "eager_fp32", "fused_cl_bf16", "cl_bf16", "--train", "--train-batch", "2", "--json", str(out)]
+           "--forms", "eager_fp32", "fused_cl_bf16", "cl_bf16", "--train", "--train-batch", "2",
+           "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "| LeViT-UNet-128s | fused_cl_bf16 |" in proc.stdout
@@ -24,7 +25,8 @@ def test_benchmark_smoke_writes_json(tmp_path):
     report = json.loads(out.read_text())
     assert set(report) == {"environment", "settings", "ceiling_gflops", "models"}
     env = report["environment"]
-    for key in ("date", "command", "git_commit", "torch", "threads", "cpu", "mkldnn", "avx512_bf16", "amx_tile"):
+    for key in ("date", "command", "git_commit", "torch", "threads", "cpu", "mkldnn", "avx512_bf16", "amx_tile",
+                "load_average", "load_average_end"):
         assert key in env
     assert env["threads"] == 1
     assert set(report["ceiling_gflops"]) == {"fp32", "bf16"}
@@ -39,3 +41,42 @@ def test_benchmark_smoke_writes_json(tmp_path):
         for r in per_batch.values():
             assert {"img_s", "sec_per_iter", "times", "peak_mb", "base_mb", "ceiling_pct"} <= set(r)
             assert r["img_s"] > 0
+
+
+@pytest.mark.slow
+def test_volume_smoke_runs_the_inference_config(tmp_path):
+    """--volume on a tiny phantom: the JSON has every stage and the saved labels lie on the input's grid."""
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.volume_benchmark import STAGES
+
+    out, work = tmp_path / "volume.json", tmp_path / "work"
+    cmd = [sys.executable, "-m", "scripts.benchmark", "--volume", "--volume-shape", "64", "64", "6", "--img-size",
+           "64", "--threads", "1", "--repeats", "2", "--volume-dir", str(work), "--json", str(out),
+           "--markdown", str(tmp_path / "volume.md")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "speed does not depend on the weights" in proc.stdout
+    assert "| **peak RSS MB** |" in (tmp_path / "volume.md").read_text()
+
+    report = json.loads(out.read_text())
+    assert set(report) == {"environment", "settings", "volume", "weights", "models"}
+    assert report["volume"]["shape"] == [64, 64, 6] and report["volume"]["orientation"] == "LPS"
+    res = report["models"]["LeViT-UNet-128s"]  # the default variant of --volume
+    assert len(res["runs"]) == 2 and res["overrides"]["img_size"] == 64
+    assert set(res["stages_s"]) == set(STAGES)
+    for run in res["runs"]:
+        assert min(run["stages_s"].values()) >= 0 and run["stages_s"]["inference"] > 0
+        assert sum(run["stages_s"].values()) == pytest.approx(run["workflow_s"])
+        assert run["total_s"] > run["workflow_s"] and run["peak_rss_mb"] > 0
+    assert res["peak_rss_mb"] == max(r["peak_rss_mb"] for r in res["runs"])
+
+    image, seg = nib.load(report["volume"]["input"]), nib.load(res["prediction"])
+    assert image.shape == seg.shape == (64, 64, 6)
+    np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
+    np.testing.assert_allclose(image.affine, report["volume"]["affine"], atol=1e-6)
+    assert nib.aff2axcodes(image.affine) == ("L", "P", "S")  # the config's orientation step has work to do
+    hu = np.asarray(image.dataobj)
+    assert image.get_data_dtype() == np.int16 and hu.min() < -900 and hu.max() > 100  # air and contrast organs
+    assert seg.get_data_dtype() == np.uint8 and np.asarray(seg.dataobj).max() <= 8
