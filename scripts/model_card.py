@@ -13,7 +13,9 @@ ACDC one that ``python -m scripts.make_bundle acdc`` writes) this tool writes:
   citation), the evaluation protocol, the settings, hardware, command, commit and date of each run, and
   whether weights are published (the bundle's large-files list). A task without a results file says so;
 - the card's "Speed" block from the newest (by its recorded date) of ``docs/results/benchmark_cpu.json``
-  and ``docs/results/benchmark_cpu_levit.json`` (``python -m scripts.benchmark ... --json``);
+  and ``docs/results/benchmark_cpu_levit.json`` (``python -m scripts.benchmark ... --json``), and whole-volume
+  timings from every ``docs/results/benchmark_volume_cpu*.json`` (``python -m scripts.benchmark --volume
+  ... --json``);
 - the metadata's ``eval_metrics`` from the same results file as the card (the ``gpu`` profile's when
   present, else the ``cpu`` one's; smoke runs made with ``--limit`` never count), ``{}`` without one:
   ``configs/metadata.json`` for the root's task, the ``"metadata"`` overrides of ``configs/<task>_bundle.json``
@@ -54,6 +56,7 @@ __all__ = ["ModelCardError", "PAPER_TABLES", "generate", "stale_files", "main"]
 
 RESULTS_DIR = Path("docs") / "results"
 BENCHMARK_FILES = ("benchmark_cpu.json", "benchmark_cpu_levit.json")  # the newest (by its date) is used
+VOLUME_FILES = "benchmark_volume_cpu*.json"  # every one is tabulated, by volume depth
 SECTIONS = ("performance", "speed")
 PROFILE_ORDER = ("gpu", "cpu")  # rows and eval_metrics: the paper's setting first
 BEGIN = "<!-- BEGIN generated: {name} (python -m scripts.model_card writes this block from docs/results/) -->"
@@ -164,6 +167,17 @@ def load_results(task: str, repo: Path = REPO) -> list[tuple[Path, dict[str, Any
             raise ModelCardError(f"{path} has no figures for the classes {missing} of configs/{task}.json")
         found.append((path, results))
     return found
+
+
+def load_volume_benchmarks(repo: Path = REPO) -> list[tuple[Path, dict[str, Any]]]:
+    """Every whole-volume benchmark file (``scripts.benchmark --volume --json``), the shallowest volume first."""
+    found = []
+    for path in sorted((repo / RESULTS_DIR).glob(VOLUME_FILES)):
+        data = _read_json(path)
+        if not isinstance(data.get("models"), dict) or "shape" not in data.get("volume", {}):
+            raise ModelCardError(f"{path} is not a --volume results file of scripts/benchmark.py")
+        found.append((path, data))
+    return sorted(found, key=lambda pd: (pd[1]["volume"]["shape"][2], pd[0].name))
 
 
 def load_benchmark(repo: Path = REPO) -> tuple[Path, dict[str, Any]] | None:
@@ -384,6 +398,35 @@ def speed_block(task: str, benchmark: tuple[Path, Mapping[str, Any]] | None, rep
     return "\n".join(lines)
 
 
+def volume_block(volumes: Sequence[tuple[Path, Mapping[str, Any]]], repo_card: bool) -> str:
+    """Whole-volume inference through ``configs/inference.json`` (``scripts.benchmark --volume``), one row per
+    (volume, model); empty text without results files."""
+    if not volumes:
+        return ""
+    rows, sources = [], []
+    for path, data in volumes:
+        env, vol = data.get("environment", {}), data["volume"]
+        shape = " x ".join(str(s) for s in vol["shape"])
+        for name, m in data["models"].items():
+            st = m.get("stages_s", {})
+            rows.append([shape, name, _f(m.get("total_s"), 1), _f(st.get("inference"), 1),
+                         _f(sum(v for k, v in st.items() if k != "inference"), 1), _f(m.get("peak_rss_mb"), 0)])
+        commit = env.get("git_commit")
+        sources.append(f"{_results_ref(path, repo_card)}: `{_python_command(env.get('command', 'n/a'))}`"
+                       + (f" at git commit `{commit[:12]}`" if commit else "") + f", {str(env.get('date', ''))[:10]}")
+    env = volumes[0][1].get("environment", {})
+    text = ("Whole CT-like volumes (int16 HU, 0.75 x 0.75 x 2.5 mm, LPS) segmented by `python -m monai.bundle run` "
+            "with `configs/inference.json` (load, orientation, intensity window, slice resize + network + argmax, "
+            f"inversion, save) on {env.get('cpu')} ({env.get('threads')} threads), random weights (speed does not "
+            "depend on them). \"total\" is the wall time of the whole command (interpreter start and imports "
+            "included), \"network\" the slice inferer's call (resize, network, argmax), \"other stages\" the rest "
+            "of the workflow (config, weights, reading, transforms, inversion, saving); peak RSS is that process's "
+            "peak resident memory. From " + "; ".join(sources) + ".")
+    lines = ["", _wrap(text), ""]
+    lines += _table(["volume (voxels)", "model", "total s", "network s", "other stages s", "peak RSS MB"], rows)
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ eval_metrics
 
 
@@ -437,6 +480,7 @@ def replace_block(text: str, name: str, content: str, what: str) -> str:
 def generate(repo: Path = REPO, tasks: Sequence[str] = TASKS) -> dict[str, str]:
     """Relative path -> the text each generated-into file should have (only the files of ``tasks``)."""
     benchmark = load_benchmark(repo)
+    volumes = load_volume_benchmarks(repo)
     out: dict[str, str] = {}
     for task in tasks:
         try:
@@ -448,7 +492,8 @@ def generate(repo: Path = REPO, tasks: Sequence[str] = TASKS) -> dict[str, str]:
         repo_card = task == ROOT_TASK  # the root's card sits beside docs/results; a generated bundle's does not
         card = out.get(card_rel) or (repo / card_rel).read_text()
         card = replace_block(card, "performance", performance_block(task, runs, large_files, repo_card, repo), card_rel)
-        card = replace_block(card, "speed", speed_block(task, benchmark, repo_card), card_rel)
+        speed = speed_block(task, benchmark, repo_card) + "\n" + volume_block(volumes, repo_card)
+        card = replace_block(card, "speed", speed, card_rel)
         out[card_rel] = card
         meta_rel, key = metadata_target(task)
         meta = out.get(meta_rel) or (repo / meta_rel).read_text()

@@ -193,6 +193,8 @@ def test_the_bundle_carries_the_generated_card_and_metadata(fake_repo, tmp_path)
 
 def test_speed_block_uses_the_newest_benchmark_file(fake_repo):
     levit = json.loads((REPO / "docs" / "results" / "benchmark_cpu_levit.json").read_text())
+    (fake_repo / "docs" / "results" / "benchmark_cpu.json").unlink(missing_ok=True)  # the LeViT-only file alone
+    assert mc.main(["--repo", str(fake_repo)]) == 0
     before = block((fake_repo / "docs" / "README.md").read_text(), "speed")
     assert "results/benchmark_cpu_levit.md" in before
     newer = json.loads(json.dumps(levit))
@@ -225,6 +227,39 @@ def test_speed_figures_are_the_benchmark_files():
         assert f"| {name} | {model['params_m']:.3f} | {model['gmac']:.2f} | {figures[0]} | {figures[1]} | `{best}` | " \
                f"{figures[2]} | {figures[3]} |" in speed
     assert data["models"]  # the LeViT-only file is there in any case
+
+
+def volume_report(depth: int, total: float, rss: float) -> dict:
+    """A --volume results file as scripts/benchmark.py writes it (the fields the card reads)."""
+    stages = {"setup": 1.0, "load_weights": 0.2, "read": 0.5, "preprocess": 0.3, "inference": total - 6.0,
+              "invert": 0.4, "save": 0.6, "other": 0.1}
+    return {"environment": {"date": "2099-01-01T00:00:00+00:00", "command": "python3 -m scripts.benchmark --volume",
+                            "git_commit": "fedcba9876543210", "cpu": "Test CPU 9000", "threads": 2},
+            "settings": {"img_size": 224, "threads": 2}, "weights": "random",
+            "volume": {"shape": [512, 512, depth], "dtype": "int16", "orientation": "LPS"},
+            "models": {"LeViT-UNet-128s": {"total_s": total, "workflow_s": total - 3, "stages_s": stages,
+                                           "peak_rss_mb": rss}}}
+
+
+def test_speed_block_tabulates_every_volume_benchmark(fake_repo):
+    results = fake_repo / "docs" / "results"
+    for path in results.glob("benchmark_volume_cpu*.json"):
+        path.unlink()
+    assert mc.main(["--repo", str(fake_repo)]) == 0
+    assert "Whole CT-like volumes" not in block((fake_repo / "docs" / "README.md").read_text(), "speed")
+    (results / "benchmark_volume_cpu_600.json").write_text(json.dumps(volume_report(600, 95.4, 5432.1)))
+    (results / "benchmark_volume_cpu.json").write_text(json.dumps(volume_report(150, 24.5, 2100.0)))
+    assert mc.main(["--repo", str(fake_repo)]) == 0
+    for card in ((fake_repo / "docs" / "README.md").read_text(), acdc_card(fake_repo)):
+        speed = block(card, "speed")
+        rows = [ln for ln in speed.splitlines() if ln.startswith("| 512 x 512 x")]
+        # the shallow volume first; total, network (inference stage), the other stages summed, peak RSS
+        assert rows == ["| 512 x 512 x 150 | LeViT-UNet-128s | 24.5 | 18.5 | 3.1 | 2100 |",
+                        "| 512 x 512 x 600 | LeViT-UNet-128s | 95.4 | 89.4 | 3.1 | 5432 |"]
+        assert "benchmark_volume_cpu_600.md" in speed and "`fedcba987654`" in speed
+    (results / "benchmark_volume_cpu_bad.json").write_text(json.dumps({"models": {}}))
+    with pytest.raises(mc.ModelCardError, match="benchmark_volume_cpu_bad.json"):
+        mc.generate(fake_repo)
 
 
 def test_a_card_without_markers_is_refused(fake_repo):
