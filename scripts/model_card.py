@@ -416,8 +416,8 @@ def volume_block(volumes: Sequence[tuple[Path, Mapping[str, Any]]], repo_card: b
                        + (f" at git commit `{commit[:12]}`" if commit else "") + f", {str(env.get('date', ''))[:10]}")
     env = volumes[0][1].get("environment", {})
     text = ("Whole CT-like volumes (int16 HU, 0.75 x 0.75 x 2.5 mm, LPS) segmented by `python -m monai.bundle run` "
-            "with `configs/inference.json` (load, orientation, intensity window, slice resize + network + argmax, "
-            f"inversion, save) on {env.get('cpu')} ({env.get('threads')} threads), random weights (speed does not "
+            "with `configs/inference.json` and the Synapse preset (224 px slices; load, orientation, intensity window, "
+            f"slice resize + network + argmax, inversion, save) on {env.get('cpu')} ({env.get('threads')} threads), random weights (speed does not "
             "depend on them). \"total\" is the wall time of the whole command (interpreter start and imports "
             "included), \"network\" the slice inferer's call (resize, network, argmax), \"other stages\" the rest "
             "of the workflow (config, weights, reading, transforms, inversion, saving); peak RSS is that process's "
