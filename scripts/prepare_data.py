@@ -23,18 +23,20 @@ Usage::
     python -m scripts.prepare_data acdc-raw --input ACDC/database/training --output data/acdc
     python -m scripts.prepare_data acdc-ssl4mis --input ACDC_ssl4mis --output data/acdc
     python -m scripts.prepare_data demo --output demo_data [--num-train 8 --num-val 2 --num-test 2 --size 96 96 12 --seed 0]
+    python -m scripts.prepare_data compact --input data/acdc/datalist.json --output data/acdc_small --img-size 224
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import nibabel as nib
@@ -55,6 +57,7 @@ __all__ = [
     "convert_synapse_raw",
     "convert_synapse_transunet",
     "generate_demo",
+    "compact_dataset",
     "load_split",
     "main",
     "make_demo_volume",
@@ -634,6 +637,97 @@ def generate_demo(
     return write_dataset(output_dir, "Synthetic abdominal CT phantoms (demo)", SYNAPSE_LABELS, split, loaders)
 
 
+# ---------------------------------------------------------------------------------------- compact copy
+
+
+def _quantised(image: np.ndarray, affine: np.ndarray, lo: float, hi: float) -> nib.Nifti1Image:
+    """``image`` clipped to [lo, hi] and stored as uint8 with the NIfTI scale (slope, intercept) that maps back."""
+    slope = (hi - lo) / 255.0 if hi > lo else 1.0
+    q = np.clip(np.round((np.clip(image, lo, hi) - lo) / slope), 0, 255).astype(np.uint8)
+    img = _nifti(q, affine, None, np.uint8)
+    img.header.set_slope_inter(slope, lo)
+    return img
+
+
+def _resize_slices(volume: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Each axial slice (last axis) of ``volume`` resized to ``size`` x ``size`` as the training pipeline does."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).permute(2, 0, 1)[:, None]
+    out = F.interpolate(t, size=(size, size), mode=mode, **({} if mode.startswith("nearest") else {"align_corners": False}))
+    return out[:, 0].permute(1, 2, 0).numpy()
+
+
+@contextlib.contextmanager
+def _gzip_level(level: int) -> Iterator[None]:
+    """nibabel's gzip compression level for the files written inside the context."""
+    from nibabel.openers import Opener
+
+    before = Opener.default_compresslevel
+    Opener.default_compresslevel = level
+    try:
+        yield
+    finally:
+        Opener.default_compresslevel = before
+
+
+def _compact_case(base: Path, out: Path, item: Mapping[str, str], resize: bool, img_size: int | None,
+                  datalist_file: Path) -> None:
+    """One datalist entry of :func:`compact_dataset`."""
+    if any(Path(item[k]).is_absolute() for k in ("image", "label") if k in item):
+        raise DataPreparationError(f"{datalist_file}: compact_dataset needs paths relative to it, got {item}")
+    img = nib.load(str(base / item["image"]))
+    image = np.asarray(img.dataobj, dtype=np.float32)
+    lo, hi = float(image.min()), float(image.max())
+    label = np.asarray(nib.load(str(base / item["label"])).dataobj) if "label" in item else None
+    affine = img.affine.copy()
+    if resize and img_size:
+        nx, ny = image.shape[:2]
+        image = _resize_slices(image, img_size, "bicubic")
+        if label is not None:
+            label = np.rint(_resize_slices(label, img_size, "nearest-exact"))
+        affine[:3, 0] *= nx / img_size
+        affine[:3, 1] *= ny / img_size
+    _save_nifti(_quantised(image, affine, lo, hi), out / item["image"])
+    if label is not None:
+        _save_nifti(_nifti(label, affine, None, np.uint8), out / item["label"])
+
+
+def compact_dataset(datalist_file: str | Path, output: str | Path, img_size: int | None = None,
+                    resize_keys: Sequence[str] = ("training",)) -> Path:
+    """A small copy of a prepared dataset, to carry to another machine (e.g. a GPU one with a size limit).
+
+    Images are stored as uint8 with a NIfTI scale (slope, intercept) spanning each volume's own [min, max]
+    (256 levels: a step of 0.4 % of the range; readers apply the scale, so values keep their units). The
+    volumes of ``resize_keys`` (the training list) have every axial slice resized in-plane to ``img_size``
+    beforehand (image bicubic, clipped to the volume's range; label nearest-exact: what the training pipeline's
+    ``Resized`` does, done once), with the affine's in-plane spacing scaled to match; the other lists (the
+    validation and test volumes the metrics are computed on) keep their grid. Labels are uint8 as before.
+    Writes ``output/imagesTr``, ``output/labelsTr`` and, last, ``output/datalist.json``; returns its path.
+    """
+    datalist_file = Path(datalist_file)
+    if not datalist_file.is_file():
+        raise DataPreparationError(f"datalist {datalist_file} not found: prepare the dataset first")
+    content = json.loads(datalist_file.read_text())
+    base, out = datalist_file.parent, Path(output)
+    if out.resolve() == base.resolve():
+        raise DataPreparationError(f"compact_dataset would overwrite its input {base}: choose another output")
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / LABELS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / DATALIST).unlink(missing_ok=True)
+    written = 0
+    with _gzip_level(9):  # nibabel writes level 1 by default; this copy is made once and carried
+        for key in SPLIT_KEYS:
+            for item in content.get(key, []):
+                _compact_case(base, out, item, bool(img_size) and key in resize_keys, img_size, datalist_file)
+                written += 1
+    _save_json(content, out / DATALIST)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    logger.info(f"wrote {written} volumes to {out}: {size / 2**20:.1f} MiB")
+    return out / DATALIST
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 CONVERTERS: dict[str, Callable[..., Path]] = {
@@ -661,6 +755,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-test", type=int, default=2)
     p.add_argument("--size", type=int, nargs=3, default=[96, 96, 12], metavar=("X", "Y", "Z"))
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("compact", help=compact_dataset.__doc__.split("\n")[0], description=compact_dataset.__doc__)
+    p.add_argument("--input", required=True, help="a prepared dataset's datalist.json")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--img-size", type=int, default=None, help="resize the training slices to this (default: keep)")
     return parser
 
 
@@ -671,6 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.format == "demo":
             path = generate_demo(args.output, args.num_train, args.num_val, args.num_test, args.size, args.seed)
+        elif args.format == "compact":
+            path = compact_dataset(args.input, args.output, args.img_size)
         else:
             path = CONVERTERS[args.format](args.input, args.output, args.split, args.cases, args.limit)
     except DataPreparationError as e:

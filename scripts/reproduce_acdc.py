@@ -30,7 +30,10 @@ the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan a
   figure; one epoch here = 140 volumes x 8 slices = 1120 slices, 0.85 of a pass over the 1312 training
   slices; 448 000 slices, 18 800 iterations in all), CUDA AMP (``--amp true``), 4 loader workers, validation
   every 20 epochs. Not run yet (no GPU here). The paper states Adam (lr 1e-5) with batch 8; that is
-  ``--optimizer adam --lr 1e-5 --batch-size 8``.
+  ``--optimizer adam --lr 1e-5 --batch-size 8``. For a GPU machine that gets only the repository (and a few
+  carried folders), prepare a compact copy of the data here and carry ``runs/acdc_gpu/data``: ``python -m
+  scripts.reproduce_acdc --profile gpu --compact --prepare-only`` (uint8 images, training slices pre-resized
+  to 224; then the run there finds ``WORKDIR/data/datalist.json`` and skips preparation).
 - ``cpu``: LeViT-UNet-128s on a 2-core CPU within an hour: 128 x 128 slices, bf16 autocast
   (``--train_precision bf16``, channels_last; inference precision ``auto``), AdamW lr 1e-3 (weight decay 1e-4)
   with cosine decay to 0, batches of 8 slices (2 random slices of each of 4 volumes), 100 epochs of 280 slices
@@ -735,6 +738,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: the profile's)")
     p.add_argument("--pretrained", default=None, help="ImageNet LeViT checkpoint for the encoder")
+    p.add_argument("--compact", action="store_true",
+                   help="prepare WORKDIR/data as a compact copy (scripts.prepare_data.compact_dataset: uint8 images, "
+                        "training slices pre-resized to img_size) of the full conversion in WORKDIR/full")
+    p.add_argument("--prepare-only", action="store_true", help="stop once WORKDIR/data is prepared")
     p.add_argument("--skip-train", action="store_true", help="reuse WORKDIR/bundle/models/model_final.pt")
     p.add_argument("--quiet", action="store_true", help="do not echo the bundle logs")
     p.add_argument("--dry-run", action="store_true", help="print the settings and commands, run nothing")
@@ -751,7 +758,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("# 2. train\n" + _shell(plan["commands"]["train"]))
         print("# 3. evaluate\n" + _shell(plan["commands"]["evaluate"]))
         return 0
-    from scripts.prepare_data import convert_acdc_ssl4mis
+    from scripts.prepare_data import compact_dataset, convert_acdc_ssl4mis
 
     data_dir = Path(plan["data_dir"])
     results_dir = Path(plan["results_dir"])
@@ -762,10 +769,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t = time.time()
     if (data_dir / "datalist.json").exists():
         print(f"[reproduce_acdc] data ready: {data_dir / 'datalist.json'}", flush=True)
+    elif args.compact:
+        full = Path(plan["workdir"]) / "full"
+        if not (full / "datalist.json").exists():
+            print(f"[reproduce_acdc] converting {plan['data']} -> {full}", flush=True)
+            convert_acdc_ssl4mis(plan["data"], full, limit=args.limit)
+        print(f"[reproduce_acdc] compact copy {full} -> {data_dir}", flush=True)
+        compact_dataset(full / "datalist.json", data_dir, plan["settings"]["img_size"])
     else:
         print(f"[reproduce_acdc] converting {plan['data']} -> {data_dir}", flush=True)
         convert_acdc_ssl4mis(plan["data"], data_dir, limit=args.limit)
     timings["prepare"] = time.time() - t
+    if args.prepare_only:
+        size = sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file())
+        print(f"[reproduce_acdc] {data_dir}: {size / 2**20:.1f} MiB prepared; --prepare-only: stopping here")
+        return 0
 
     t = time.time()
     if args.skip_train:

@@ -391,3 +391,57 @@ def test_demo_default_phantom_intensities() -> None:
     assert abs(np.median(image[:3, :3]) + 1000) < 20  # air in the corners
     means = [float(image[label == c].mean()) for c in range(1, 9)]
     assert all(-125 < m < 275 for m in means) and min(np.diff(sorted(means))) > 10  # distinct, within the CT window
+
+
+# ---------------------------------------------------------------------------------------- compact copy
+
+
+def test_compact_copy_resizes_training_and_keeps_evaluation_grids(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    pd.generate_demo(full, num_train=2, num_val=1, num_test=1, size=(40, 32, 5), seed=1)
+    out = tmp_path / "small"
+    path = pd.compact_dataset(full / "datalist.json", out, img_size=24)
+    assert json.loads(path.read_text()) == datalist(full)  # same cases, same relative paths
+    dl = datalist(full)
+    for key in ("training", "validation", "test"):
+        for item in dl[key]:
+            src_img, dst_img = nib.load(str(full / item["image"])), nib.load(str(out / item["image"]))
+            src, dst = np.asarray(src_img.dataobj, np.float32), np.asarray(dst_img.dataobj, np.float32)
+            src_lab = np.asarray(nib.load(str(full / item["label"])).dataobj)
+            dst_lab = nib.load(str(out / item["label"]))
+            assert dst_img.get_data_dtype() == np.uint8 and dst_lab.get_data_dtype() == np.uint8
+            step = (src.max() - src.min()) / 255
+            if key == "training":  # slices pre-resized in-plane, depth and physical extent kept
+                assert dst.shape == (24, 24, 5) == dst_lab.shape
+                np.testing.assert_allclose(np.abs(np.diag(dst_img.affine)[:3]) * [24, 24, 5],
+                                           np.abs(np.diag(src_img.affine)[:3]) * [40, 32, 5])
+                assert set(np.unique(np.asarray(dst_lab.dataobj))) <= set(np.unique(src_lab))
+                assert src.min() - 1e-3 <= dst.min() and dst.max() <= src.max() + 1e-3  # clipped to the range
+            else:  # the volumes metrics are computed on keep their grid; only 8-bit quantisation
+                assert dst.shape == src.shape and np.array_equal(np.asarray(dst_lab.dataobj), src_lab)
+                np.testing.assert_allclose(dst_img.affine, src_img.affine)
+                assert np.abs(dst - src).max() <= step / 2 + 1e-3 * step
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*.nii.gz"))  # noqa: E731
+    assert size(out) < size(full) / 2
+    with pytest.raises(DataPreparationError, match="overwrite its input"):
+        pd.compact_dataset(full / "datalist.json", full, img_size=24)
+    assert pd.main(["compact", "--input", str(tmp_path / "missing.json"), "--output", str(out)]) == 2
+
+
+def test_compact_acdc_for_a_gpu_machine(tmp_path: Path) -> None:
+    """reproduce_acdc --compact --prepare-only on two real cases: a datalist the bundle trains from, much smaller."""
+    root = shared_path("data", "acdc_ssl4mis")
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "scripts.reproduce_acdc", "--profile", "gpu", "--data", str(root), "--workdir",
+           str(work), "--limit", "2", "--compact", "--prepare-only"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "--prepare-only: stopping here" in proc.stdout and not (work / "bundle").exists()
+    dl = datalist(work / "data")
+    assert dl == datalist(work / "full") and len(dl["training"]) == 2 and len(dl["validation"]) == 2
+    train = nib.load(str(work / "data" / dl["training"][0]["image"]))
+    val_full = nib.load(str(work / "full" / dl["validation"][0]["image"]))
+    val = nib.load(str(work / "data" / dl["validation"][0]["image"]))
+    assert train.shape[:2] == (224, 224) and val.shape == val_full.shape  # the gpu profile's img_size
+    assert train.get_data_dtype() == np.uint8
+    assert np.abs(np.asarray(val.dataobj) - np.asarray(val_full.dataobj)).max() <= 0.5 / 255 + 1e-6
