@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import pytest
 from conftest import shared_path
 from PIL import Image
@@ -77,8 +78,8 @@ def test_gpu_profile_end_to_end_on_cpu(tmp_path):
     work, res = tmp_path / "work", tmp_path / "results"
     argv = ["--profile", "gpu", "--data", str(data), "--variant", "128s", "--img-size", "64", "--epochs", "1",
             "--samples-per-volume", "1", "--batch-size", "4", "--num-workers", "0", "--limit", "2",
-            "--workdir", str(work), "--results-dir", str(res), "--quiet"]
-    assert ra.main(argv) == 0
+            "--workdir", str(work), "--results-dir", str(res), "--quiet", "--compact"]
+    assert ra.main(argv) == 0  # trains from the compact copy a GPU machine would be given
     md, js, png = res / "acdc_gpu.md", res / "acdc_gpu.json", res / "acdc_gpu_curves.png"
     assert md.is_file() and js.is_file() and png.is_file()
     r = json.loads(js.read_text())
@@ -101,6 +102,8 @@ def test_gpu_profile_end_to_end_on_cpu(tmp_path):
     text = md.read_text()
     assert "VALIDATION" in text and "90.32" in text and "| right_ventricle (RV) |" in text
     assert (work / "train.log").is_file() and (work / "bundle" / "models" / "model_final.pt").is_file()
+    first = json.loads((work / "data" / "datalist.json").read_text())["training"][0]["image"]
+    assert (work / "full" / "datalist.json").is_file() and nib.load(str(work / "data" / first)).shape[:2] == (64, 64)
     with Image.open(png) as im:
         assert im.format == "PNG"
     assert not [p for p in res.iterdir() if p.name.endswith(".tmp")]
