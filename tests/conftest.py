@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import locale
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -57,6 +58,17 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 CONFIGS = REPO / "configs"
+
+
+def copy_repo(dest: Path) -> Path:
+    """A copy of what the bundle tools read and write (configs, docs, scripts, LICENSE, large_files.yml) at
+    ``dest``, so that tests may change or break it without touching the repository."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for rel in ("configs", "docs", "scripts"):
+        shutil.copytree(REPO / rel, dest / rel, ignore=ignore)
+    for rel in ("LICENSE", "large_files.yml"):
+        shutil.copy(REPO / rel, dest / rel)
+    return dest
 IMG = 64  # network input side for the tests (the bundle's default is 224)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, verify_metadata
 
-from conftest import REPO, shared_path
+from conftest import REPO, copy_repo, shared_path
 from scripts.make_bundle import (
     DIAGRAM_MARKER,
     BundleError,
@@ -252,12 +252,7 @@ def test_acdc_ckpt_export_from_another_folder(acdc_bundle, tmp_path):
 @pytest.fixture
 def fake_repo(tmp_path) -> Path:
     """A copy of what make_bundle reads, so that tests may break it (and a bad guard could harm only a copy)."""
-    repo = tmp_path / "repo"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for rel in ("configs", "docs", "scripts"):
-        shutil.copytree(REPO / rel, repo / rel, ignore=ignore)
-    for rel in ("LICENSE", "large_files.yml"):
-        shutil.copy(REPO / rel, repo / rel)
+    repo = copy_repo(tmp_path / "repo")
     return repo
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import verify_metadata
 
-from conftest import REPO, shared_path
+from conftest import REPO, copy_repo, shared_path
 from scripts import model_card as mc
 from scripts import reproduce_acdc as ra
 from scripts.make_bundle import BundleError, make_bundle
@@ -23,12 +23,7 @@ ACDC_CLASSES = ["right_ventricle", "myocardium", "left_ventricle"]
 @pytest.fixture
 def fake_repo(tmp_path) -> Path:
     """A copy of what the tool reads and writes, without any ACDC / Synapse results file, cards regenerated."""
-    repo = tmp_path / "repo"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for rel in ("configs", "docs", "scripts"):
-        shutil.copytree(REPO / rel, repo / rel, ignore=ignore)
-    for rel in ("LICENSE", "large_files.yml"):
-        shutil.copy(REPO / rel, repo / rel)
+    repo = copy_repo(tmp_path / "repo")
     for path in (repo / "docs" / "results").glob("*"):
         if path.name.startswith(("acdc_", "synapse_")):
             path.unlink()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_repo
 from scripts import model_card
 from scripts.make_bundle import make_bundle, render_large_files, set_values
 from scripts.networks import LeViTUNet
@@ -27,12 +27,7 @@ ACDC_IMG = json.loads((REPO / "configs" / "acdc.json").read_text())["img_size"] 
 @pytest.fixture
 def fake_repo(tmp_path) -> Path:
     """A copy of what the tool reads and writes (configs, docs, scripts, large_files.yml)."""
-    repo = tmp_path / "repo"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for rel in ("configs", "docs", "scripts"):
-        shutil.copytree(REPO / rel, repo / rel, ignore=ignore)
-    for rel in ("LICENSE", "large_files.yml"):
-        shutil.copy(REPO / rel, repo / rel)
+    repo = copy_repo(tmp_path / "repo")
     (repo / "models").mkdir()
     return repo
 
