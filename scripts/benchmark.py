@@ -133,7 +133,7 @@ def time_per_iter(
     return times
 
 
-def _rss_kib() -> Tuple[int, int]:
+def rss_kib() -> Tuple[int, int]:
     """(current, peak) resident set of this process in KiB (Linux)."""
     import resource
 
@@ -152,7 +152,7 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device) / 2**20
-    return _rss_kib()[0] / 1024
+    return rss_kib()[0] / 1024
 
 
 @contextlib.contextmanager
@@ -170,7 +170,7 @@ def peak_memory(device: torch.device, base_mb: float) -> Iterator[Dict[str, floa
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = _rss_kib()[1] / 1024
+        peak = rss_kib()[1] / 1024
     out.update(base_mb=base_mb, peak_mb=max(peak - base_mb, 0.0))
 
 

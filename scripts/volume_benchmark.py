@@ -97,17 +97,6 @@ class _Timed:
             self.times[self.key] += time.perf_counter() - t0
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident set of this process (``VmHWM``, else ``ru_maxrss``), MiB; Linux."""
-    import resource
-
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _instrument(parser: Any, times: Dict[str, float], marks: Dict[str, float]) -> None:
     """Timing hooks on the evaluator, its inferer and transforms, as the config built them.
 
@@ -144,6 +133,8 @@ def volume_worker(job: Dict[str, Any]) -> Dict[str, Any]:
     """Runs the inference config on ``job["input"]`` as ``monai.bundle run`` does; stage seconds and peak RSS."""
     from monai.bundle import create_workflow
 
+    from scripts.benchmark import rss_kib
+
     times: Dict[str, float] = defaultdict(float)
     marks: Dict[str, float] = {}
     t0 = time.perf_counter()
@@ -157,7 +148,8 @@ def volume_worker(job: Dict[str, Any]) -> Dict[str, Any]:
     workflow.finalize()
     workflow_s = time.perf_counter() - t0
     times["other"] = workflow_s - sum(v for k, v in times.items() if k != "other")  # wrapped ones included
-    return {"workflow_s": workflow_s, "stages_s": {k: times[k] for k in STAGES}, "peak_rss_mb": _peak_rss_mb()}
+    peak_rss_mb = rss_kib()[1] / 1024  # VmHWM (ru_maxrss where /proc lacks it): this process's peak
+    return {"workflow_s": workflow_s, "stages_s": {k: times[k] for k in STAGES}, "peak_rss_mb": peak_rss_mb}
 
 
 def _run_worker(job: Dict[str, Any], log: Path) -> Dict[str, Any]:
