@@ -58,6 +58,7 @@ __all__ = [
     "convert_synapse_transunet",
     "generate_demo",
     "compact_dataset",
+    "resize_slices",
     "load_split",
     "main",
     "make_demo_volume",
@@ -649,13 +650,16 @@ def _quantised(image: np.ndarray, affine: np.ndarray, lo: float, hi: float) -> n
     return img
 
 
-def _resize_slices(volume: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Each axial slice (last axis) of ``volume`` resized to ``size`` x ``size`` as the training pipeline does."""
+def resize_slices(volume: np.ndarray, size: Sequence[int], mode: str) -> np.ndarray:
+    """Each axial slice (last axis) of ``volume`` (X, Y, Z) resized in-plane to ``size`` (X', Y') with
+    ``torch.nn.functional.interpolate`` in ``mode``, as the training pipeline's ``Resized`` and the inferer do
+    (``align_corners=False`` for the interpolating modes); float32 out."""
     import torch
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).permute(2, 0, 1)[:, None]
-    out = F.interpolate(t, size=(size, size), mode=mode, **({} if mode.startswith("nearest") else {"align_corners": False}))
+    kw = {} if mode.startswith("nearest") else {"align_corners": False}
+    out = F.interpolate(t, size=tuple(int(n) for n in size), mode=mode, **kw)
     return out[:, 0].permute(1, 2, 0).numpy()
 
 
@@ -684,9 +688,9 @@ def _compact_case(base: Path, out: Path, item: Mapping[str, str], resize: bool, 
     affine = img.affine.copy()
     if resize and img_size:
         nx, ny = image.shape[:2]
-        image = _resize_slices(image, img_size, "bicubic")
+        image = resize_slices(image, (img_size, img_size), "bicubic")
         if label is not None:
-            label = np.rint(_resize_slices(label, img_size, "nearest-exact"))
+            label = np.rint(resize_slices(label, (img_size, img_size), "nearest-exact"))
         affine[:3, 0] *= nx / img_size
         affine[:3, 1] *= ny / img_size
     _save_nifti(_quantised(image, affine, lo, hi), out / item["image"])

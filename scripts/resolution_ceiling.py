@@ -24,21 +24,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from scripts.inferer import LABEL_MODE
 from scripts.metrics import case_metrics
+from scripts.prepare_data import resize_slices
 
 __all__ = ["round_trip", "resolution_ceiling", "main"]
 
 
 def round_trip(label: np.ndarray, img_size: int) -> np.ndarray:
     """``label`` (X, Y, Z) with each axial slice resized to ``img_size`` and back, nearest-neighbour both ways."""
-    t = torch.from_numpy(np.ascontiguousarray(label)).permute(2, 0, 1)[:, None].float()  # (Z, 1, X, Y)
-    small = F.interpolate(t, size=(img_size, img_size), mode=LABEL_MODE)
-    back = F.interpolate(small, size=tuple(t.shape[-2:]), mode=LABEL_MODE)
-    return back[:, 0].permute(1, 2, 0).round().to(torch.int64).numpy()
+    small = resize_slices(label, (img_size, img_size), LABEL_MODE)
+    return np.rint(resize_slices(small, label.shape[:2], LABEL_MODE)).astype(np.int64)
 
 
 def _load_labels(datalist_file: str, key: str) -> List[tuple[str, np.ndarray]]:
