@@ -161,8 +161,10 @@ def prepare_network(
     """Moves ``network`` to ``device``, first loading ImageNet LeViT weights into its encoder if ``pretrained``.
 
     ``channels_last`` stores the convolution weights in channels_last layout, which oneDNN / cuDNN run fastest
-    under bf16 / fp16 autocast (the trainer's inferer feeds channels_last input then). Measured on the 2-core
-    CPU, LeViT-UNet-128s, 128 px, batch 8, bf16, one training step: 0.82 s contiguous, 0.72 s channels_last.
+    under bf16 / fp16 autocast (the trainer's inferer feeds channels_last input then). In the ACDC cpu profile
+    (LeViT-UNet-128s, 128 px, batch 8, bf16, 2-core CPU) the trainer took about 1.07 s per iteration with
+    contiguous weights and 0.83 s with channels_last ones (timestamps of the train.log that
+    ``python -m scripts.reproduce_acdc --profile cpu`` writes; 2026-11-29).
 
     ``pretrained`` is a facebookresearch / timm LeViT checkpoint (``.pth`` or ``.safetensors``) of the same
     variant; it is converted (classifier dropped, first conv adapted to ``in_channels``, attention biases
