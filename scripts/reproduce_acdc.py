@@ -72,9 +72,9 @@ Reasoning: at 224 px the pipeline would reach about 2.7 slices/s (3.60 x 0.76), 
 predictions are scaled back to the original grid for the metrics), and 128 px affords about 3x the iterations
 of 224 px (160 px: 1.5x fewer than 128). Measured at the start of the final profile: 1.13 s per 8-slice
 iteration, so 2520 iterations + 6 validations + start-up make about 50 minutes end to end. Storing the
-network's weights channels_last as well (the ``channels_last`` config id, on under bf16) brought one training
-step of the bare network from 0.82 to 0.72 s and the pipeline to 0.83 s per iteration (about 30 s per epoch
-with its 1.1 s epoch end), which is what lets the hour hold 100 epochs. AdamW at 1e-3 with
+network's weights channels_last as well (the ``channels_last`` config id, on under bf16) brought the pipeline
+from about 1.07 to 0.83 s per iteration (train.log timestamps of a 2-epoch run of this profile; about 30 s per
+epoch with its 1.1 s epoch end), which is what lets the hour hold 100 epochs. AdamW at 1e-3 with
 cosine decay is the usual choice for a transformer trained from scratch in a few thousand iterations; SGD 0.01
 with poly decay is tuned for ~14 000 iterations at batch 24 (TransUNet). The reported figure is the evaluation
 of the last epoch's weights on the validation set, not the best validation.
@@ -386,6 +386,19 @@ def bundle_cmd(run_id: str, configs: Sequence[str], overrides: Dict[str, Any]) -
     return cmd
 
 
+def prepare_command(args: argparse.Namespace, data_dir: Path, full_dir: Path, img_size: int) -> str:
+    """The preparation step as a command line: the SSL4MIS conversion into ``data_dir``, or with ``--compact``
+    into ``full_dir`` followed by the compact copy into ``data_dir``."""
+    limit = f", limit={args.limit}" if args.limit else ""
+    target = full_dir if getattr(args, "compact", False) else data_dir
+    names = "compact_dataset, convert_acdc_ssl4mis" if target != data_dir else "convert_acdc_ssl4mis"
+    code = (f"from scripts.prepare_data import {names}; "
+            f"convert_acdc_ssl4mis({str(Path(args.data).resolve())!r}, {str(target)!r}{limit})")
+    if target != data_dir:
+        code += f"; compact_dataset({str(full_dir / 'datalist.json')!r}, {str(data_dir)!r}, {img_size})"
+    return f'python -c "{code}"'
+
+
 def build_plan(args: argparse.Namespace) -> Dict[str, Any]:
     """Settings (profile defaults, then the overrides given), paths and the two bundle command lines."""
     settings = dict(PROFILES[args.profile])
@@ -429,9 +442,7 @@ def build_plan(args: argparse.Namespace) -> Dict[str, Any]:
         "eval_log": str(work / "eval.log"),
         "results_dir": str(results_dir),
         "commands": {
-            "prepare": f"python -c \"from scripts.prepare_data import convert_acdc_ssl4mis; "
-                       f"convert_acdc_ssl4mis({str(Path(args.data).resolve())!r}, {str(data_dir)!r}"
-                       + (f", limit={args.limit}" if args.limit else "") + ")\"",
+            "prepare": prepare_command(args, data_dir, work / "full", settings["img_size"]),
             "train": train,
             "evaluate": evaluate,
         },

@@ -71,6 +71,10 @@ def test_gpu_profile_plan_and_overrides():
     assert small["settings"]["variant"] == "128s" and small["settings"]["val_interval"] == 3
     ev = small["commands"]["evaluate"]
     assert ev[ev.index("--variant") + 1] == "128s" and ev[ev.index("--img_size") + 1] == "224"
+    assert "compact_dataset" not in plan["commands"]["prepare"]
+    compact = ra.build_plan(ra.parse_args(["--profile", "gpu", "--compact", "--workdir", "/w"]))["commands"]["prepare"]
+    assert "convert_acdc_ssl4mis(" in compact and "'/w/full')" in compact  # the dry run shows the real steps
+    assert "compact_dataset('/w/full/datalist.json', '/w/data', 224)" in compact
 
 
 def test_gpu_profile_end_to_end_on_cpu(tmp_path):
