@@ -7,9 +7,10 @@ several forms, the peak memory of each measurement, and the fraction of the mach
 ceiling (fp32 or bf16, by the dtype the form computes in) that the model achieves.
 
 Forms: ``eager_fp32`` (``model.eval()`` under ``torch.inference_mode``), ``fused`` (``model.fuse()``: every
-BatchNorm folded), ``fused_cl`` (+ channels_last model and input), ``fused_cl_bf16`` (+ bf16 autocast:
-the form ``LeViTSliceInferer`` runs by default on a CPU with native bf16, ``fused_cl`` on one without).
-Peers have no ``fuse()``: they run ``eager_fp32``, ``cl`` and ``cl_bf16``. Training (``--train``, forward +
+BatchNorm folded), ``fused_cl`` (+ channels_last model and input), ``fused_cl_bf16`` (+ bf16 autocast,
+convolution and linear weights cast to bf16 once, ``scripts.inferer.precast_weights``: the form
+``LeViTSliceInferer`` runs by default on a CPU with native bf16, ``fused_cl`` on one without). Peers have
+no ``fuse()``: they run ``eager_fp32``, ``cl`` and ``cl_bf16`` (weights cast alike). Training (``--train``, forward +
 cross-entropy + backward + Adam step on one batch created once on the device, random labels) runs
 ``eager_fp32`` and ``cl_bf16``; its ceiling fraction counts the measured forward + backward FLOPs.
 
@@ -187,6 +188,10 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     results: Dict[str, Any] = {}
     if job["task"] == "infer":
         model = (model.fuse() if fuse else model.eval()).to(device, memory_format=fmt)
+        if bf16:
+            from scripts.inferer import precast_weights
+
+            precast_weights(model, "bf16")
         base = memory_mb(device)
         for b in sorted(job["batch_sizes"]):
             x = torch.randn(b, IN_CHANNELS, size, size, device=device).contiguous(memory_format=fmt)

@@ -7,8 +7,9 @@ the logits) brought back to the slice's own size with nearest-neighbour, as the 
 The output is a one-channel label volume, so memory stays near the volume's own size.
 
 The fast inference form (BatchNorm folded, channels_last, bf16 autocast where the processor has
-native bf16) is built from the network it is handed, at call time, i.e. after the weights are
-loaded: the configs keep ``network_def`` the plain network.
+native bf16, with the convolution and linear weights cast to bf16 once rather than by autocast at every
+call) is built from the network it is handed, at call time, i.e. after the weights are loaded: the
+configs keep ``network_def`` the plain network.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.inferers import Inferer, SliceInferer
 
-__all__ = ["LeViTSliceInferer", "AutocastInferer", "resolve_precision", "fast_inference_form", "autocast"]
+__all__ = ["LeViTSliceInferer", "AutocastInferer", "resolve_precision", "fast_inference_form", "precast_weights",
+           "autocast"]
 
 IMAGE_MODE = "bicubic"  # in-plane resize of image slices (TransUNet zooms with cubic splines)
 LABEL_MODE = "nearest-exact"  # label maps, pixel-centre aligned like the image resize
@@ -54,15 +56,45 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def fast_inference_form(network: nn.Module, channels_last: bool = True) -> nn.Module:
-    """The network with BatchNorm folded (a copy, when it has ``fuse()``) and in channels_last layout.
+# layers whose weights autocast casts to the lower precision at every call (CPU and CUDA autocast lists)
+AUTOCAST_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
-    Networks without ``fuse()`` (a DDP wrapper, a scripted model) are returned unchanged.
+
+def precast_weights(network: nn.Module, precision: str) -> nn.Module:
+    """Casts, in place, the weights and biases of every convolution and linear layer to ``precision``'s dtype.
+
+    Under autocast these layers run in that dtype anyway: autocast casts their fp32 parameters at every call
+    (its cache lives only as long as one autocast block), so casting them once gives bit-identical outputs
+    without the per-call copies, and halves the weights' memory. Other parameters (attention biases, norms)
+    stay fp32, as autocast treats them. The result must run under autocast; fp32 leaves it unchanged.
+    """
+    if precision not in ("bf16", "fp16"):
+        return network
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.no_grad():
+        for layer in network.modules():
+            if isinstance(layer, AUTOCAST_LAYERS):
+                for name in ("weight", "bias"):
+                    param = getattr(layer, name, None)
+                    if isinstance(param, nn.Parameter):
+                        fmt = torch.channels_last if param.dim() == 4 and param.is_contiguous(
+                            memory_format=torch.channels_last) else torch.contiguous_format
+                        param.data = param.data.to(dtype).contiguous(memory_format=fmt)
+    return network
+
+
+def fast_inference_form(network: nn.Module, channels_last: bool = True, precision: str = "fp32") -> nn.Module:
+    """The network with BatchNorm folded (a copy, when it has ``fuse()``), in channels_last layout, and with
+    its convolution / linear weights cast once to the autocast dtype of ``precision`` (:func:`precast_weights`).
+
+    Networks without ``fuse()`` (a DDP wrapper, a scripted model) and networks in training mode are returned
+    unchanged: the caller's own network is never modified.
     """
     if not hasattr(network, "fuse") or network.training:
         return network
     fused = network.fuse()
-    return fused.to(memory_format=torch.channels_last) if channels_last else fused
+    fused = fused.to(memory_format=torch.channels_last) if channels_last else fused
+    return precast_weights(fused, precision)
 
 
 class LeViTSliceInferer(SliceInferer):
@@ -118,7 +150,8 @@ class LeViTSliceInferer(SliceInferer):
             raise ValueError(f"LeViTSliceInferer expects a (B, C, H, W, D) volume, got shape {tuple(inputs.shape)}")
         device = self.sw_device if self.sw_device is not None else inputs.device
         precision = resolve_precision(self.precision, device)
-        net = fast_inference_form(network) if self.fuse and isinstance(network, nn.Module) else network
+        fast = self.fuse and isinstance(network, nn.Module)
+        net = fast_inference_form(network, precision=precision) if fast else network
         channels_last = self.fuse and net is not network
 
         def predict(x: torch.Tensor) -> torch.Tensor:
