@@ -82,7 +82,7 @@ FORM_TEXT = {
     "eager_fp32": "the plain network in fp32",
     "fused": "BatchNorm folded",
     "fused_cl": "BatchNorm folded, channels_last",
-    "fused_cl_bf16": "BatchNorm folded, channels_last, bf16 autocast",
+    "fused_cl_bf16": "BatchNorm folded, channels_last, bf16 autocast, conv/linear weights cast to bf16 once",
     "cl": "channels_last",
     "cl_bf16": "channels_last, bf16 autocast",
 }
