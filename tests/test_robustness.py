@@ -269,8 +269,10 @@ def test_resume_at_an_epoch_boundary_ends_with_the_same_weights(runs):
 def test_killed_training_resumes_from_the_last_saved_epoch(sig, demo_dir, tmp_path):
     base = bundle_cmd("training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(tmp_path),
                       "--dataset_dir", str(demo_dir), "--epochs", "3", *QUICK)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: give the training its default SIGINT whatever the way the tests were launched
     proc = subprocess.Popen(base, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
-                            errors="replace")
+                            errors="replace", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = [], time.time() + 600
     for line in proc.stdout:  # mid-epoch 2: epoch 1's resume checkpoint is written, epoch 2 is under way
         seen.append(line)
