@@ -97,8 +97,9 @@ planned the same 20 160 slices as 3 and were stopped when they were clearly shor
 Short comparisons (20-epoch cosine schedules of the profile, validation at epoch 20 only; the training command
 of ``docs/results/acdc_cpu.json`` with ``--epochs 20 --val_interval 20`` and the override shown; about 10 min
 each, 2026-11-29): lr 1e-3 (the profile then) 0.680; lr 1e-3 without the random rotation (``--rotate_prob 0``)
-0.656; lr 2e-3 0.689. So the rotation stays, and the profile takes lr 2e-3 (a small gain at this length, within
-what a second seed might move).
+0.656; lr 2e-3 0.689; lr 3e-3 0.673; lr 2e-3 with the rotation at p 1.0 (``--rotate_prob 1.0``) 0.676. So the
+rotation stays at p 0.5, and the profile takes lr 2e-3 (a small gain at this length, within what a second seed
+might move; the full run confirmed it: 82.74 % against 79.83 %).
 
 Attempts 1 and 2 (16-slice batches) learn in fewer, larger steps than the profile above, which takes twice as
 many optimiser steps of 8 slices from 4 volumes for the same compute (1.13 s per 8-slice step against 1.87 s
