@@ -27,6 +27,7 @@ __all__ = ["LeViTSliceInferer", "AutocastInferer", "resolve_precision", "fast_in
 
 IMAGE_MODE = "bicubic"  # in-plane resize of image slices (TransUNet zooms with cubic splines)
 LABEL_MODE = "nearest-exact"  # label maps, pixel-centre aligned like the image resize
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -52,8 +53,7 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     device = torch.device(device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 # layers whose weights autocast casts to the lower precision at every call (CPU and CUDA autocast lists)
@@ -68,18 +68,15 @@ def precast_weights(network: nn.Module, precision: str) -> nn.Module:
     without the per-call copies, and halves the weights' memory. Other parameters (attention biases, norms)
     stay fp32, as autocast treats them. The result must run under autocast; fp32 leaves it unchanged.
     """
-    if precision not in ("bf16", "fp16"):
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
         return network
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.no_grad():
-        for layer in network.modules():
-            if isinstance(layer, AUTOCAST_LAYERS):
-                for name in ("weight", "bias"):
-                    param = getattr(layer, name, None)
-                    if isinstance(param, nn.Parameter):
-                        fmt = torch.channels_last if param.dim() == 4 and param.is_contiguous(
-                            memory_format=torch.channels_last) else torch.contiguous_format
-                        param.data = param.data.to(dtype).contiguous(memory_format=fmt)
+    for layer in network.modules():
+        if isinstance(layer, AUTOCAST_LAYERS):
+            for name in ("weight", "bias"):
+                param = getattr(layer, name, None)
+                if isinstance(param, nn.Parameter):
+                    param.data = param.data.to(dtype)  # keeps the memory format (channels_last stays)
     return network
 
 

@@ -206,15 +206,16 @@ def test_scripted_and_fused_forms_match_eager():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_precast_weights_match_autocast_bit_for_bit(precision):
-    from scripts.inferer import autocast, fast_inference_form
+    from scripts.inferer import AUTOCAST_DTYPES, autocast, fast_inference_form
 
     model = _trained_like()
     x = torch.randn(2, 1, 64, 64).contiguous(memory_format=torch.channels_last)
     plain = fast_inference_form(model, precision="fp32")
     cast = fast_inference_form(model, precision=precision)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = AUTOCAST_DTYPES[precision]
     layers = [m for m in cast.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert layers and all(m.weight.dtype == dtype for m in layers)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in layers if m.weight.dim() == 4)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's network is never cast
     assert all(p.dtype == torch.float32 for p in plain.parameters())
     with torch.inference_mode(), autocast("cpu", precision):
