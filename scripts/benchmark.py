@@ -14,7 +14,9 @@ no ``fuse()``: they run ``eager_fp32``, ``cl`` and ``cl_bf16`` (weights cast ali
 cross-entropy + backward + Adam step on one batch created once on the device, random labels) runs
 ``eager_fp32`` and ``cl_bf16``; its ceiling fraction counts the measured forward + backward FLOPs.
 
-Every (model, form) is measured in a fresh subprocess, so measurements do not share allocator state. Peak
+Every (model, form) is measured in a fresh subprocess, so measurements do not share allocator state; each
+keeps freed memory for reuse (``scripts.inferer.retain_freed_memory``, as the bundle's inferer and CPU
+trainer do; ``--no-retain-memory`` leaves glibc's defaults, for comparison). Peak
 memory ("peak MB") is the growth over the memory held once the model is ready (weights, no input): on CPU
 of the process's peak resident set (VmHWM, reset before each batch size through ``/proc/self/clear_refs``
 where the kernel allows, else the process peak ``ru_maxrss``; Linux), on CUDA of ``max_memory_allocated``
@@ -288,6 +290,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
         "cpu": cpu,
         "mkldnn": torch.backends.mkldnn.is_available(),
         "load_average": _load_average(),
+        "retain_freed_memory": args.device == "cpu" and not args.no_retain_memory,
     }
     for flag in ("avx512_bf16", "amx_tile"):
         probe = getattr(torch.cpu, f"_is_{flag}_supported", None)
@@ -370,6 +373,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sw-batch-size", type=int, default=None, help="--volume: slices per network call (config: 8)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="--volume: the config's infer_precision (config: auto)")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="leave glibc malloc at its defaults (the bundle keeps freed memory: retain_freed_memory)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -418,6 +423,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker:  # one measurement, in its own interpreter
         job = json.loads(args.worker)
         torch.set_num_threads(job["threads"])
+        if job.get("retain_memory", True) and job["device"] == "cpu":
+            from scripts.inferer import retain_freed_memory
+
+            retain_freed_memory()  # process-wide, as the bundle's inferer and trainer set it: every model gets it
         args.worker_out.write_text(json.dumps(run_job(job)))
         return 0
     torch.set_num_threads(args.threads)
@@ -437,7 +446,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.no_inference:
         models = [m for m in models if m[2]]
     job_base = {k: getattr(args, k) for k in ("device", "threads", "img_size", "batch_sizes", "train_batch")}
-    job_base.update(warmup=args.warmup, iters=args.iters, repeats=args.repeats, min_time=args.min_time)
+    job_base.update(warmup=args.warmup, iters=args.iters, repeats=args.repeats, min_time=args.min_time,
+                    retain_memory=not args.no_retain_memory)
     results: Dict[str, Any] = {}
     for name, forms, trains in models:
         print(f"[benchmark] {name}: counting", file=sys.stderr, flush=True)

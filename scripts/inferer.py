@@ -15,6 +15,9 @@ configs keep ``network_def`` the plain network.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import platform
 from typing import Any, Callable
 
 import torch
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, SliceInferer
 
 __all__ = ["LeViTSliceInferer", "AutocastInferer", "resolve_precision", "fast_inference_form", "precast_weights",
-           "autocast"]
+           "autocast", "retain_freed_memory"]
 
 IMAGE_MODE = "bicubic"  # in-plane resize of image slices (TransUNet zooms with cubic splines)
 LABEL_MODE = "nearest-exact"  # label maps, pixel-centre aligned like the image resize
@@ -34,6 +37,41 @@ def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 is then faster than fp32."""
     checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(c is not None and c() for c in checks)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit systems
+_allocator_tuned = False
+
+
+def retain_freed_memory() -> bool:
+    """Makes glibc's ``malloc`` keep freed memory for reuse; returns whether the setting is in force.
+
+    By default glibc serves large blocks with fresh ``mmap`` pages and gives freed memory back to the system,
+    so every forward pass on the CPU page-faults its activations in again, and the kernel zeroes each page.
+    With the mmap threshold at its maximum (32 MiB; larger blocks are still mapped afresh) and trimming off,
+    the next pass reuses the pages of the previous one. Measured on this project's 2-core machine (ad hoc A/B,
+    fresh processes, 2026-11-29), LeViT-UNet-128s at 224 px, batch 8, in the bf16 inference form: page faults
+    per forward 29 800 -> 14 100, and 11.1-12.1 -> 12.1-12.4 images/s (2 threads, five processes each;
+    medians 11.6 -> 12.2); the process's peak resident set did not grow (740-827 -> 740-753 MB). A training
+    step at 128 px faults 27 000 -> 600 times. Turning ``mmap`` off altogether (``M_MMAP_MAX`` 0) removes the
+    remaining faults but ran the bf16 form slower (12.0 images/s), so it is not done. The cost: memory the
+    process freed stays mapped to it until it exits (its peak stays its footprint). Linux with glibc only
+    (elsewhere it does nothing and returns False); applies to the whole process; idempotent.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = ok
+    return ok
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
@@ -104,7 +142,8 @@ class LeViTSliceInferer(SliceInferer):
         spatial_dim: the sliding axis among ``H, W, D``: 2 = the last axis, the axial slices of a volume
             in RAS orientation.
         precision: ``"auto"`` (bf16 where fast, else fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
-        fuse: run the fast inference form (folded BatchNorm, channels_last) built after loading.
+        fuse: run the fast inference form (folded BatchNorm, channels_last) built after loading; on the
+            CPU also keep freed memory for the next slices (:func:`retain_freed_memory`).
         output: ``"label"`` for the argmax label map (1 channel) or ``"prob"`` for softmax
             probabilities resized bilinearly (C channels; more memory).
         sw_device, device, progress: as in ``SlidingWindowInferer`` (keep the volume on ``device="cpu"``
@@ -147,6 +186,8 @@ class LeViTSliceInferer(SliceInferer):
             raise ValueError(f"LeViTSliceInferer expects a (B, C, H, W, D) volume, got shape {tuple(inputs.shape)}")
         device = self.sw_device if self.sw_device is not None else inputs.device
         precision = resolve_precision(self.precision, device)
+        if self.fuse and torch.device(device).type == "cpu":
+            retain_freed_memory()
         fast = self.fuse and isinstance(network, nn.Module)
         net = fast_inference_form(network, precision=precision) if fast else network
         channels_last = self.fuse and net is not network

@@ -169,6 +169,10 @@ def prepare_network(
     ``pretrained`` is a facebookresearch / timm LeViT checkpoint (``.pth`` or ``.safetensors``) of the same
     variant; it is converted (classifier dropped, first conv adapted to ``in_channels``, attention biases
     resampled to ``img_size``) and loaded strictly into ``network.encoder``.
+
+    On the CPU it also makes the process keep freed memory for the next step
+    (:func:`scripts.inferer.retain_freed_memory`): each step then reuses the pages of the last one instead
+    of page-faulting its activations in again.
     """
     if pretrained:
         from scripts.networks.convert import convert_checkpoint, load_checkpoint_file
@@ -177,5 +181,9 @@ def prepare_network(
         sd = convert_checkpoint(load_checkpoint_file(pretrained), enc.variant, enc.in_channels, enc.img_size)
         enc.load_state_dict(sd)
         logger.info(f"encoder initialised from {pretrained}")
+    if torch.device(device).type == "cpu":
+        from scripts.inferer import retain_freed_memory
+
+        retain_freed_memory()
     network = network.to(device)
     return network.to(memory_format=torch.channels_last) if channels_last else network

@@ -224,6 +224,38 @@ def test_precast_weights_match_autocast_bit_for_bit(precision):
     assert torch.equal(ref, out)  # autocast casts these very weights at every call: same numbers
 
 
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from scripts.inferer import fast_inference_form, retain_freed_memory
+from scripts.networks import LeViTUNet
+torch.manual_seed(0)
+torch.set_num_threads(1)
+tuned = retain_freed_memory() if sys.argv[1] == "1" else False
+net = fast_inference_form(LeViTUNet(in_channels=1, out_channels=4, img_size=128).eval())
+x = torch.randn(8, 1, 128, 128).contiguous(memory_format=torch.channels_last)
+with torch.inference_mode():
+    net(x), net(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    net(x), net(x)
+    print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning: Linux only")
+def test_retain_freed_memory_stops_page_faults_between_passes():
+    """Under glibc's defaults each forward pass maps fresh pages for its activations and page-faults them in;
+    once freed memory is retained, the next passes reuse it (counted in separate processes)."""
+    def faults(tuned: str) -> tuple:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, tuned], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    (tuned_on, faults_default), (tuned, faults_tuned) = faults("0"), faults("1")
+    assert tuned and not tuned_on
+    assert faults_default > 5000, f"glibc defaults no longer page-fault here ({faults_default}): revisit the tuning"
+    assert faults_tuned < faults_default / 10, (faults_tuned, faults_default)
+
+
 def test_onnx_export_matches_eager(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
