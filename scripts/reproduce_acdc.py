@@ -39,9 +39,11 @@ the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan a
   with cosine decay to 0, batches of 8 slices (2 random slices of each of 4 volumes), 110 epochs of 280 slices
   (3850 iterations, 30 800 slices, about 23 passes over the 1312 training slices), validation every 22 epochs
   (the last at epoch 110), no loader workers (2 cores: a worker would take a core from the two compute threads).
-  Result (2026-11-29, ``docs/results/acdc_cpu.md``): validation mean Dice 82.74 % (RV 78.78, Myo
-  80.28, LV 89.15, HD95 1.92 voxels) in 51.3 min; short of the 85 % aimed for. Validation mean Dice during that
-  run, epochs 20..100: 0.663 0.765 0.812 0.826 0.827. With lr 1e-3 and validation every 10 epochs (2026-11-29, commit
+  Result (2026-11-29, commit 711b48f, ``docs/results/acdc_cpu.md``): validation mean Dice 83.37 % (RV 80.78,
+  Myo 79.92, LV 89.42, HD95 2.57 voxels) in 53.0 min; short of the 85 % aimed for. Validation mean Dice during
+  that run, epochs 22..110: 0.692 0.774 0.817 0.833 0.834. The same profile with 100 epochs, validated every 20
+  (commit b33d5a3, before freed memory was retained, about 6 % slower per epoch): 82.74 % (RV 78.78, Myo 80.28,
+  LV 89.15, HD95 1.92 voxels) in 51.3 min; epochs 20..100: 0.663 0.765 0.812 0.826 0.827. With lr 1e-3 and validation every 10 epochs (2026-11-29, commit
   66d309c): validation mean Dice 79.83 % (RV 76.08, Myo 77.38, LV 86.02, HD95 2.93 voxels) in 51.1 min; short of
   the 85 % aimed for. Validation mean Dice during that run, epochs 10..100: 0.543 0.678 0.704 0.740 0.766 0.781
   0.796 0.795 0.799 0.798: the curve flattens from epoch 70 on.
