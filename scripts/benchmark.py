@@ -18,8 +18,8 @@ Every (model, form) is measured in a fresh subprocess, so measurements do not sh
 keeps freed memory for reuse (``scripts.inferer.retain_freed_memory``, as the bundle's inferer and CPU
 trainer do; ``--no-retain-memory`` leaves glibc's defaults, for comparison). Peak
 memory ("peak MB") is the growth over the memory held once the model is ready (weights, no input): on CPU
-of the process's peak resident set (VmHWM, reset before each batch size through ``/proc/self/clear_refs``
-where the kernel allows, else the process peak ``ru_maxrss``; Linux), on CUDA of ``max_memory_allocated``
+of the process's peak resident set (VmHWM, reset before each batch size through ``/proc/self/clear_refs``,
+after freed memory is handed back with ``malloc_trim``, where the kernel allows, else the process peak ``ru_maxrss``; Linux), on CUDA of ``max_memory_allocated``
 over ``memory_allocated``. It covers input, activations, workspaces and, in training, gradients and Adam
 state. The batch sizes run in ascending order; ``base_mb`` in the JSON is the level grown from.
 
@@ -150,11 +150,22 @@ def rss_kib() -> Tuple[int, int]:
     return cur, hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def trim_heap() -> None:
+    """Hands memory the process freed back to the system (glibc ``malloc_trim``), so that the resident set is
+    what is in use: the workers keep freed memory for reuse (``retain_freed_memory``), which would otherwise
+    count in the base level and hide the activations that later reuse it."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def memory_mb(device: torch.device) -> float:
-    """Memory held now: allocated on CUDA, resident set on CPU (MiB)."""
+    """Memory held now: allocated on CUDA, resident set on CPU (MiB; freed memory trimmed first)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device) / 2**20
+    trim_heap()
     return rss_kib()[0] / 1024
 
 
@@ -166,6 +177,7 @@ def peak_memory(device: torch.device, base_mb: float) -> Iterator[Dict[str, floa
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        trim_heap()  # the previous batch size's retained memory is not this one's
         with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
     yield out
