@@ -55,8 +55,10 @@ def retain_freed_memory() -> bool:
     per forward 29 800 -> 14 100, and 11.1-12.1 -> 12.1-12.4 images/s (2 threads, five processes each;
     medians 11.6 -> 12.2); the process's peak resident set did not grow (740-827 -> 740-753 MB). A training
     step at 128 px faults 27 000 -> 600 times. Turning ``mmap`` off altogether (``M_MMAP_MAX`` 0) removes the
-    remaining faults but ran the bf16 form slower (12.0 images/s), so it is not done. The cost: memory the
-    process freed stays mapped to it until it exits (its peak stays its footprint). Linux with glibc only
+    remaining faults but ran the bf16 form slower (12.0 images/s), so it is not done. The cost is memory: what
+    the process freed stays mapped to it until it exits, and freed blocks are not all reused, so the peak of a
+    batch-8 forward over the loaded model rose from 195 to 237 MB (128s) and from 106 to 339 MB (384) in the
+    benchmark (``docs/results/benchmark_cpu.md``, commits 0784652 and 6b9150e); whole volumes' peaks did not move. Linux with glibc only
     (elsewhere it does nothing and returns False); applies to the whole process; idempotent.
     """
     global _allocator_tuned
