@@ -14,14 +14,14 @@ no ``fuse()``: they run ``eager_fp32``, ``cl`` and ``cl_bf16`` (weights cast ali
 cross-entropy + backward + Adam step on one batch created once on the device, random labels) runs
 ``eager_fp32`` and ``cl_bf16``; its ceiling fraction counts the measured forward + backward FLOPs.
 
-Every (model, form) is measured in a fresh subprocess, so measurements do not share allocator state; each
-keeps freed memory for reuse (``scripts.inferer.retain_freed_memory``, as the bundle's inferer and CPU
-trainer do; ``--no-retain-memory`` leaves glibc's defaults, for comparison). Peak
-memory ("peak MB") is the growth over the memory held once the model is ready (weights, no input): on CPU
-of the process's peak resident set (VmHWM, reset before each batch size through ``/proc/self/clear_refs``,
-after freed memory is handed back with ``malloc_trim``, where the kernel allows, else the process peak ``ru_maxrss``; Linux), on CUDA of ``max_memory_allocated``
-over ``memory_allocated``. It covers input, activations, workspaces and, in training, gradients and Adam
-state. The batch sizes run in ascending order; ``base_mb`` in the JSON is the level grown from.
+Every (model, form) is measured in a fresh subprocess, so measurements do not share allocator state; each keeps
+freed memory for reuse (``scripts.inferer.retain_freed_memory``, as the bundle's inferer and CPU trainer do;
+``--no-retain-memory`` leaves glibc's defaults, for comparison). Peak memory ("peak MB") is the growth over the
+memory held once the model is ready (weights, no input): on CPU of the process's peak resident set (VmHWM, reset
+before each batch size through ``/proc/self/clear_refs``, after freed memory is handed back with ``malloc_trim``,
+where the kernel allows, else the process peak ``ru_maxrss``; Linux), on CUDA of ``max_memory_allocated`` over
+``memory_allocated``. It covers input, activations, workspaces and, in training, gradients and Adam state. The
+batch sizes run in ascending order; ``base_mb`` in the JSON is the level grown from.
 
 Examples (from the bundle root)::
 
@@ -154,10 +154,11 @@ def trim_heap() -> None:
     """Hands memory the process freed back to the system (glibc ``malloc_trim``), so that the resident set is
     what is in use: the workers keep freed memory for reuse (``retain_freed_memory``), which would otherwise
     count in the base level and hide the activations that later reuse it."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
+    from scripts.inferer import glibc
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def memory_mb(device: torch.device) -> float:

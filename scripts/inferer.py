@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import ctypes.util
 import platform
 from typing import Any, Callable
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, SliceInferer
 
 __all__ = ["LeViTSliceInferer", "AutocastInferer", "resolve_precision", "fast_inference_form", "precast_weights",
-           "autocast", "retain_freed_memory"]
+           "autocast", "glibc", "retain_freed_memory"]
 
 IMAGE_MODE = "bicubic"  # in-plane resize of image slices (TransUNet zooms with cubic splines)
 LABEL_MODE = "nearest-exact"  # label maps, pixel-centre aligned like the image resize
@@ -44,6 +45,17 @@ _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper limit for M_MMAP_THRESHO
 _allocator_tuned = False
 
 
+@functools.lru_cache(maxsize=None)
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc on Linux (``mallopt``, ``malloc_trim``), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def retain_freed_memory() -> bool:
     """Makes glibc's ``malloc`` keep freed memory for reuse; returns whether the setting is in force.
 
@@ -53,27 +65,24 @@ def retain_freed_memory() -> bool:
     the next pass reuses the pages of the previous one. Measured on this project's 2-core machine (ad hoc A/B,
     fresh processes, 2026-11-29), LeViT-UNet-128s at 224 px, batch 8, in the bf16 inference form: page faults
     per forward 29 800 -> 14 100, and 11.1-12.1 -> 12.1-12.4 images/s (2 threads, five processes each;
-    medians 11.6 -> 12.2); the process's peak resident set did not grow (740-827 -> 740-753 MB). A training
+    medians 11.6 -> 12.2); those processes' own peak resident sets did not grow (740-827 -> 740-753 MB). A training
     step at 128 px faults 27 000 -> 600 times. Turning ``mmap`` off altogether (``M_MMAP_MAX`` 0) removes the
     remaining faults but ran the bf16 form slower (12.0 images/s), so it is not done. The cost is memory: what
     the process freed stays mapped to it until it exits, and freed blocks are not all reused, so the peak of a
     batch-8 forward over the loaded model rose from 195 to 237 MB (128s) and from 106 to 339 MB (384) in the
-    benchmark (``docs/results/benchmark_cpu.md``, commits 0784652 and 6b9150e); whole volumes' peaks did not move. Linux with glibc only
-    (elsewhere it does nothing and returns False); applies to the whole process; idempotent.
+    benchmark (``docs/results/benchmark_cpu.md``, commits 0784652 and 6b9150e); whole volumes' peaks did not
+    move. Linux with glibc only (elsewhere it does nothing and returns False); applies to the whole process;
+    idempotent.
     """
     global _allocator_tuned
     if _allocator_tuned:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
-    except (OSError, AttributeError):
-        return False
-    _allocator_tuned = ok
-    return ok
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    _allocator_tuned = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+    return _allocator_tuned
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
