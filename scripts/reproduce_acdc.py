@@ -43,10 +43,10 @@ the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan a
   Myo 79.92, LV 89.42, HD95 2.57 voxels) in 53.0 min; short of the 85 % aimed for. Validation mean Dice during
   that run, epochs 22..110: 0.692 0.774 0.817 0.833 0.834. The same profile with 100 epochs, validated every 20
   (commit b33d5a3, before freed memory was retained, about 6 % slower per epoch): 82.74 % (RV 78.78, Myo 80.28,
-  LV 89.15, HD95 1.92 voxels) in 51.3 min; epochs 20..100: 0.663 0.765 0.812 0.826 0.827. With lr 1e-3 and validation every 10 epochs (2026-11-29, commit
-  66d309c): validation mean Dice 79.83 % (RV 76.08, Myo 77.38, LV 86.02, HD95 2.93 voxels) in 51.1 min; short of
-  the 85 % aimed for. Validation mean Dice during that run, epochs 10..100: 0.543 0.678 0.704 0.740 0.766 0.781
-  0.796 0.795 0.799 0.798: the curve flattens from epoch 70 on.
+  LV 89.15, HD95 1.92 voxels) in 51.3 min; epochs 20..100: 0.663 0.765 0.812 0.826 0.827. With lr 1e-3 and
+  validation every 10 epochs (2026-11-29, commit 66d309c): validation mean Dice 79.83 % (RV 76.08, Myo 77.38,
+  LV 86.02, HD95 2.93 voxels) in 51.1 min; short of the 85 % aimed for. Validation mean Dice during that run,
+  epochs 10..100: 0.543 0.678 0.704 0.740 0.766 0.781 0.796 0.795 0.799 0.798: the curve flattens from epoch 70 on.
   Augmentation: random rotation (+-20 degrees, p 0.5) only; no 90-degree rotations or flips
   (``--rot90-prob 0 --flip-prob 0``): ACDC's short-axis slices share one orientation, with the right ventricle
   on the same side, and in a schedule this short the orientation augmentations cost more than they give
@@ -106,7 +106,8 @@ the Dice term over the whole batch instead of per slice (``--loss#batch true``) 
 each of 2 volumes, ``--batch_size 4 --learning_rate 0.0014``; 11 % slower per epoch) 0.682; intensity
 augmentation (random gamma 0.7-1.5 and intensity scaling +-10 %, each at p 0.5, added to
 ``train#random_transforms`` by an extra config file) 0.670. None beat the profile: at this length the network
-underfits (MeanDice of the augmented training slices about 0.85 in the last epochs, validation 0.83), and more augmentation or noisier steps cost.
+underfits (MeanDice of the augmented training slices about 0.85 in the last epochs, validation 0.83), and
+more augmentation or noisier steps cost.
 
 Attempts 1 and 2 (16-slice batches) learn in fewer, larger steps than the profile above, which takes twice as
 many optimiser steps of 8 slices from 4 volumes for the same compute (1.13 s per 8-slice step against 1.87 s
