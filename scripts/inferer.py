@@ -62,8 +62,9 @@ def retain_freed_memory() -> bool:
     By default glibc serves large blocks with fresh ``mmap`` pages and gives freed memory back to the system,
     so every forward pass on the CPU page-faults its activations in again, and the kernel zeroes each page.
     With the mmap threshold at its maximum (32 MiB; larger blocks are still mapped afresh) and trimming off,
-    the next pass reuses the pages of the previous one. Measured on this project's 2-core machine (ad hoc A/B,
-    fresh processes, 2026-11-29), LeViT-UNet-128s at 224 px, batch 8, in the bf16 inference form: page faults
+    the next pass reuses the pages of the previous one. Measured on this project's 2-core machine (an ad hoc A/B
+    script, fresh processes, 2026-11-29; ``python -m scripts.benchmark`` with and without
+    ``--no-retain-memory`` makes the same comparison), LeViT-UNet-128s at 224 px, batch 8, in the bf16 inference form: page faults
     per forward 29 800 -> 14 100, and 11.1-12.1 -> 12.1-12.4 images/s (2 threads, five processes each;
     medians 11.6 -> 12.2); those processes' own peak resident sets did not grow (740-827 -> 740-753 MB). A training
     step at 128 px faults 27 000 -> 600 times. Turning ``mmap`` off altogether (``M_MMAP_MAX`` 0) removes the
