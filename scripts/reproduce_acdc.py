@@ -182,7 +182,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
     "cpu": {
         "variant": "128s",
         "img_size": 128,
-        "epochs": 110,
+        "epochs": 116,
         "samples_per_volume": 2,
         "batch_size": 8,
         "rot90_prob": 0.0,
@@ -191,7 +191,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "lr": 2e-3,
         "lr_schedule": "cosine",
         "weight_decay": 1e-4,
-        "val_interval": 22,
+        "val_interval": 29,
         "num_workers": 0,
         "train_precision": "bf16",
         "amp": False,
