@@ -137,6 +137,16 @@ def markdown(r: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(json_path: Path, result: Dict[str, Any], text: str) -> None:
+    """``result`` as JSON at ``json_path`` and the Markdown ``text`` beside it (``.md``), each written atomically."""
+    from scripts.atomic import atomic_output
+
+    with atomic_output(json_path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_output(json_path.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="trained weights (a bare state_dict, e.g. models/model.pt)")
@@ -158,12 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = markdown(result)
     print(text)
     if args.json:
-        from scripts.atomic import atomic_output
-
-        with atomic_output(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-        with atomic_output(args.json.with_suffix(".md")) as tmp:
-            tmp.write_text(text)
+        write_report(args.json, result, text)
     return 0
 
 
