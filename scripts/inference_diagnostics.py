@@ -9,8 +9,9 @@ validation set that reports the result.
 - ``lcc``: per foreground class, only the largest 3D connected component of the prediction is kept
   (:func:`keep_largest_component`, ``scipy.ndimage.label`` with full 3D connectivity);
 - ``tta``: each slice, at the network's resolution, is also segmented rotated by each of ``--angles`` degrees
-  (bilinear, zero padding, as the training rotation); the softmax probabilities are rotated back and averaged,
-  the argmax taken there and brought back with nearest-neighbour, as the protocol does.
+  (bilinear, zero padding, as the training rotation); the softmax probabilities are rotated back and averaged
+  (:class:`RotationTTA`), and the bundle's inferer takes the argmax there and brings it back with
+  nearest-neighbour, as the protocol does.
 
 Per set (validation; every ``--train-every``-th training volume) and variant (plain, lcc, tta, tta+lcc): mean
 Dice and HD95 (voxels) per class over volumes, TransUNet's conventions (``scripts.metrics.case_metrics``).
@@ -29,10 +30,11 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 VARIANTS = ("plain", "lcc", "tta", "tta+lcc")
@@ -54,33 +56,36 @@ def keep_largest_component(pred: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def rotate(x: torch.Tensor, degrees: float, mode: str = "bilinear") -> torch.Tensor:
-    """``(B, C, H, W)`` rotated by ``degrees`` about the centre, zero padding."""
+    """``(B, C, H, W)`` rotated by ``degrees`` about the centre, zero padding; in fp32 whatever autocast is on
+    (the sampling grid is a matrix product, which autocast would run in bf16)."""
     t = math.radians(degrees)
-    theta = torch.tensor([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]], dtype=x.dtype)
-    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    theta = torch.tensor([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]])
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def tta_predictor(network: torch.nn.Module, img_size: int, angles: Sequence[float], precision: str) -> Callable:
-    """A slice predictor for ``SliceInferer``: the bundle's resize and fast form, probabilities averaged over
-    the slice rotated by each angle (0 = the slice itself), argmax at ``img_size``, nearest-neighbour back."""
-    from scripts.inferer import IMAGE_MODE, LABEL_MODE, autocast, fast_inference_form
+class RotationTTA(nn.Module):
+    """``network`` made into rotation test-time augmentation: softmax probabilities of the input rotated by
+    each of ``angles`` degrees (0 = the input itself), rotated back and averaged. Run it through the bundle's
+    ``LeViTSliceInferer``, which resizes the slices, builds the fast form (:meth:`fuse`) and takes the argmax
+    of what this returns at the network's resolution.
+    """
 
-    net = fast_inference_form(network, precision=precision)
+    def __init__(self, network: nn.Module, angles: Sequence[float]) -> None:
+        super().__init__()
+        self.network, self.angles = network, list(angles)
 
-    def probabilities(x: torch.Tensor) -> torch.Tensor:
-        with autocast(x.device, precision):
-            return net(x.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def probabilities(image: torch.Tensor) -> torch.Tensor:
+            return self.network(image).float().softmax(dim=1)
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        if tuple(size) != (img_size, img_size):
-            x = F.interpolate(x, size=(img_size, img_size), mode=IMAGE_MODE, align_corners=False)
-        prob = sum(rotate(probabilities(rotate(x, a)), -a) if a else probabilities(x) for a in angles)
-        y = prob.argmax(dim=1, keepdim=True).float()
-        return F.interpolate(y, size=size, mode=LABEL_MODE) if y.shape[-2:] != size else y
+        return sum(rotate(probabilities(rotate(x, a)), -a) if a else probabilities(x) for a in self.angles)
 
-    return predict
+    def fuse(self) -> "RotationTTA":
+        """The same augmentation of the network's fast form (``network.fuse()``)."""
+        return RotationTTA(self.network.fuse(), self.angles)
 
 
 def summarize(rows: List[Dict[int, Dict[str, float]]], names: Sequence[str]) -> Dict[str, Any]:
@@ -93,8 +98,6 @@ def summarize(rows: List[Dict[int, Dict[str, float]]], names: Sequence[str]) -> 
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from monai.inferers import SliceInferer
-
     from scripts.inferer import LeViTSliceInferer, resolve_precision
     from scripts.metrics import case_metrics
     from scripts.networks import LeViTUNet
@@ -109,9 +112,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     net.load_state_dict(weights)
     net.eval()
     precision = resolve_precision("auto", "cpu")
-    plain = LeViTSliceInferer(img_size, args.sw_batch_size, precision="auto")
-    tta = SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=args.sw_batch_size)
-    tta_predict = tta_predictor(net, img_size, [0.0, *args.angles], precision)
+    inferer = LeViTSliceInferer(img_size, args.sw_batch_size, precision="auto")
+    tta = RotationTTA(net, [0.0, *args.angles]).eval()
     sets = {"validation": load_datalist(args.datalist, "validation")[: args.limit or None]}
     if args.train_every:
         sets["training"] = load_datalist(args.datalist, "training")[:: args.train_every][: args.limit or None]
@@ -122,8 +124,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             data = parts["preprocessing"](item)
             image, label = data["image"].unsqueeze(0), np.asarray(data["label"])[0].astype(np.int64)
             with torch.inference_mode():
-                preds = {"plain": plain(image, net)[0, 0].numpy().astype(np.int64),
-                         "tta": tta(image, tta_predict)[0, 0].numpy().astype(np.int64)}
+                preds = {"plain": inferer(image, net)[0, 0].numpy().astype(np.int64),
+                         "tta": inferer(image, tta)[0, 0].numpy().astype(np.int64)}
             preds["lcc"] = keep_largest_component(preds["plain"], num_classes)
             preds["tta+lcc"] = keep_largest_component(preds["tta"], num_classes)
             for v in VARIANTS:
@@ -181,12 +183,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = markdown(result)
     print(text)
     if args.json:
-        from scripts.atomic import atomic_output
+        from scripts.precision_check import write_report
 
-        with atomic_output(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-        with atomic_output(args.json.with_suffix(".md")) as tmp:
-            tmp.write_text(text)
+        write_report(args.json, result, text)
     return 0
 
 

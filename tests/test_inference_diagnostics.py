@@ -37,13 +37,10 @@ def test_tta_without_rotations_is_the_bundles_inferer():
     torch.manual_seed(0)
     net = LeViTUNet(2, 1, 4, variant="128s", img_size=IMG).eval()
     volume = torch.rand(1, 1, 50, 70, 3)
-    expected = LeViTSliceInferer(IMG, 2, precision="auto")(volume, net)
-    from monai.inferers import SliceInferer
-    from scripts.inferer import resolve_precision
-
-    predict = diag.tta_predictor(net, IMG, [0.0], resolve_precision("auto", "cpu"))
-    got = SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=2)(volume, predict)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    inferer = LeViTSliceInferer(IMG, 2, precision="auto")
+    expected = inferer(volume, net)
+    torch.testing.assert_close(inferer(volume, diag.RotationTTA(net, [0.0]).eval()), expected, rtol=0, atol=0)
+    assert inferer(volume, diag.RotationTTA(net, [0.0, -10.0, 10.0]).eval()).shape == expected.shape
 
 
 def test_cli_reports_every_variant_on_both_sets(trained, demo_dir, tmp_path):
