@@ -41,14 +41,14 @@ the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan a
   (the last at epoch 116), no loader workers (2 cores: a worker would take a core from the two compute threads).
   Result (2026-11-29, commit 4989f43, ``docs/results/acdc_cpu.md``): validation mean Dice 84.04 % (RV 82.39,
   Myo 80.45, LV 89.28, HD95 1.83 voxels) in 55.3 min; short of the 85 % aimed for. Validation mean Dice during
-  that run, epochs 29..116: 0.754 0.806 0.837 0.840. The same profile with 110 epochs, validated every 22
-  (commit 711b48f): 83.37 % (RV 80.78, Myo 79.92, LV 89.42, HD95 2.57 voxels) in 53.0 min; epochs 22..110: 0.692
-  0.774 0.817 0.833 0.834. With 100 epochs, validated every 20
-  (commit b33d5a3, before freed memory was retained, about 6 % slower per epoch): 82.74 % (RV 78.78, Myo 80.28,
-  LV 89.15, HD95 1.92 voxels) in 51.3 min; epochs 20..100: 0.663 0.765 0.812 0.826 0.827. With lr 1e-3 and
-  validation every 10 epochs (2026-11-29, commit 66d309c): validation mean Dice 79.83 % (RV 76.08, Myo 77.38,
-  LV 86.02, HD95 2.93 voxels) in 51.1 min; short of the 85 % aimed for. Validation mean Dice during that run,
-  epochs 10..100: 0.543 0.678 0.704 0.740 0.766 0.781 0.796 0.795 0.799 0.798: the curve flattens from epoch 70 on.
+  that run, epochs 29..116: 0.754 0.806 0.837 0.840. The same profile with 110 epochs, validated every 22 (commit
+  711b48f): 83.37 % (RV 80.78, Myo 79.92, LV 89.42, HD95 2.57 voxels) in 53.0 min; epochs 22..110: 0.692 0.774
+  0.817 0.833 0.834. With 100 epochs, validated every 20 (commit b33d5a3, before freed memory was retained, about
+  6 % slower per epoch): 82.74 % (RV 78.78, Myo 80.28, LV 89.15, HD95 1.92 voxels) in 51.3 min; epochs 20..100:
+  0.663 0.765 0.812 0.826 0.827. With lr 1e-3 and validation every 10 epochs (2026-11-29, commit 66d309c):
+  validation mean Dice 79.83 % (RV 76.08, Myo 77.38, LV 86.02, HD95 2.93 voxels) in 51.1 min; short of the 85 %
+  aimed for. Validation mean Dice during that run, epochs 10..100: 0.543 0.678 0.704 0.740 0.766 0.781 0.796
+  0.795 0.799 0.798: the curve flattens from epoch 70 on.
   Augmentation: random rotation (+-20 degrees, p 0.5) only; no 90-degree rotations or flips
   (``--rot90-prob 0 --flip-prob 0``): ACDC's short-axis slices share one orientation, with the right ventricle
   on the same side, and in a schedule this short the orientation augmentations cost more than they give
@@ -110,13 +110,14 @@ augmentation (random gamma 0.7-1.5 and intensity scaling +-10 %, each at p 0.5, 
 ``train#random_transforms`` by an extra config file) 0.670. Two more (2026-11-29, same command): intensities
 scaled per volume by percentiles instead of min-max (an extra config setting ``intensity`` to
 ``ScaleIntensityRangePercentilesd`` with ``lower 0, upper 99.5, b_min 0, b_max 1, clip true``: the 99.5th
-percentile of the SSL4MIS volumes, already min-max scaled, ranges from 0.13 to 1.0) 0.658, although its
-training MeanDice was higher (0.692 against 0.683); training on random 128 px crops of slices resized to 192 px
-and inferring by tiling 128 px windows over the 192 px slices (Gaussian blending; a trial patch, not kept)
-0.637; batches of 1 slice from each of 8 volumes (``--samples_per_volume 1 --epochs 40 --val_interval 40``: the
-same 5600 slices, 3 % slower) 0.664. How much these comparisons move by chance: the profile's own 20 epochs with ``--seed 124`` instead
-of 123 scored 0.680 (0.689 with 123), so differences under about 0.01 say nothing. None beat the profile: at this length the network underfits (MeanDice of the augmented training slices
-about 0.85 in the last epochs, validation 0.83), and more augmentation or noisier steps cost.
+percentile of the SSL4MIS volumes, already min-max scaled, ranges from 0.13 to 1.0) 0.658, although its training
+MeanDice was higher (0.692 against 0.683); training on random 128 px crops of slices resized to 192 px and
+inferring by tiling 128 px windows over the 192 px slices (Gaussian blending; a trial patch, not kept) 0.637;
+batches of 1 slice from each of 8 volumes (``--samples_per_volume 1 --epochs 40 --val_interval 40``: the same
+5600 slices, 3 % slower) 0.664. How much these comparisons move by chance: the profile's own 20 epochs with
+``--seed 124`` instead of 123 scored 0.680 (0.689 with 123), so differences under about 0.01 say nothing. None
+beat the profile: at this length the network underfits (MeanDice of the augmented training slices about 0.85 in
+the last epochs, validation 0.83), and more augmentation or noisier steps cost.
 
 Attempts 1 and 2 (16-slice batches) learn in fewer, larger steps than the profile above, which takes twice as
 many optimiser steps of 8 slices from 4 volumes for the same compute (1.13 s per 8-slice step against 1.87 s
