@@ -237,7 +237,15 @@ with torch.inference_mode():
     net(x), net(x)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     net(x), net(x)
-    print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    passes = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+# control: touching 4096 fresh anonymous pages must count about 4096 minor faults where the kernel counts them
+# (some sandboxes, gVisor among them, report none at all)
+import mmap
+region = mmap.mmap(-1, 4096 * mmap.PAGESIZE)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for offset in range(0, len(region), mmap.PAGESIZE):
+    region[offset] = 1
+print(tuned, passes, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
@@ -248,10 +256,12 @@ def test_retain_freed_memory_stops_page_faults_between_passes():
     def faults(tuned: str) -> tuple:
         out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, tuned], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.split()
-        return out[0] == "True", int(out[1])
+        return out[0] == "True", int(out[1]), int(out[2])
 
-    (tuned_on, faults_default), (tuned, faults_tuned) = faults("0"), faults("1")
+    (tuned_on, faults_default, control), (tuned, faults_tuned, _) = faults("0"), faults("1")
     assert tuned and not tuned_on
+    if control < 1000:
+        pytest.skip(f"this kernel does not count minor page faults (4096 freshly touched pages counted {control})")
     assert faults_default > 5000, f"glibc defaults no longer page-fault here ({faults_default}): revisit the tuning"
     assert faults_tuned < faults_default / 10, (faults_tuned, faults_default)
 
