@@ -14,14 +14,15 @@ no ``fuse()``: they run ``eager_fp32``, ``cl`` and ``cl_bf16`` (weights cast ali
 cross-entropy + backward + Adam step on one batch created once on the device, random labels) runs
 ``eager_fp32`` and ``cl_bf16``; its ceiling fraction counts the measured forward + backward FLOPs.
 
-Every (model, form) is measured in a fresh subprocess, so measurements do not share allocator state; each keeps
-freed memory for reuse (``scripts.inferer.retain_freed_memory``, as the bundle's inferer and CPU trainer do;
-``--no-retain-memory`` leaves glibc's defaults, for comparison). Peak memory ("peak MB") is the growth over the
-memory held once the model is ready (weights, no input): on CPU of the process's peak resident set (VmHWM, reset
-before each batch size through ``/proc/self/clear_refs``, after freed memory is handed back with ``malloc_trim``,
-where the kernel allows, else the process peak ``ru_maxrss``; Linux), on CUDA of ``max_memory_allocated`` over
-``memory_allocated``. It covers input, activations, workspaces and, in training, gradients and Adam state. The
-batch sizes run in ascending order; ``base_mb`` in the JSON is the level grown from.
+Every (model, form) is measured in a fresh subprocess, so measurements do not share allocator state
+(``--in-process``: all in this one, which saves an interpreter and CUDA start per measurement in a short GPU
+session); each keeps freed memory for reuse (``scripts.inferer.retain_freed_memory``, as the bundle's inferer and
+CPU trainer do; ``--no-retain-memory`` leaves glibc's defaults, for comparison). Peak memory ("peak MB") is the
+growth over the memory held once the model is ready (weights, no input): on CPU of the process's peak resident set
+(VmHWM, reset before each batch size through ``/proc/self/clear_refs``, after freed memory is handed back with
+``malloc_trim``, where the kernel allows, else the process peak ``ru_maxrss``; Linux), on CUDA of
+``max_memory_allocated`` over ``memory_allocated``. It covers input, activations, workspaces and, in training,
+gradients and Adam state. The batch sizes run in ascending order; ``base_mb`` in the JSON is the level grown from.
 
 Examples (from the bundle root)::
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import shlex
@@ -194,6 +196,7 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     """One (model, form) measurement: inference at every batch size, or training at ``train_batch``."""
     device = torch.device(job["device"])
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     fuse, cl, bf16 = FORMS[job["form"]]
     fmt = torch.channels_last if cl else torch.contiguous_format
     size, timing = job["img_size"], (job["warmup"], job["iters"], job["repeats"], job["min_time"], sync)
@@ -238,6 +241,19 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
         times = time_per_iter(train_step, *timing)
     sec = statistics.median(times)
     return {str(b): {"img_s": b / sec, "sec_per_iter": sec, "times": times, **mem}}
+
+
+def run_in_process(job: Dict[str, Any]) -> Dict[str, Any]:
+    """``run_job`` here (``--in-process``); ``{"error": ...}`` when it fails. Saves an interpreter start per
+    measurement; on CUDA the peak memory is reset per batch size anyway, and the cached blocks are released."""
+    try:
+        return run_job(job)
+    except Exception as e:  # noqa: BLE001 - report it in the table and go on
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run_in_subprocess(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -388,6 +404,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="--volume: the config's infer_precision (config: auto)")
     p.add_argument("--no-retain-memory", action="store_true",
                    help="leave glibc malloc at its defaults (the bundle keeps freed memory: retain_freed_memory)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process instead of a fresh one per (model, form): faster to run (e.g. in "
+                        "a short GPU session), at the price of shared allocator state")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -475,7 +494,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.forms is not None and form not in args.forms:
                 continue
             print(f"[benchmark] {name}: {task} {form}", file=sys.stderr, flush=True)
-            out = run_in_subprocess({**job_base, "model": name, "form": form, "task": task})
+            job = {**job_base, "model": name, "form": form, "task": task}
+            out = run_in_process(job) if args.in_process else run_in_subprocess(job)
             gmac = res["gmac"] if task == "infer" else res["train_gmac"]
             for r in out.values() if "error" not in out else []:
                 r["ceiling_pct"] = 100 * gmac * 2 * r["img_s"] / ceiling["bf16" if FORMS[form][2] else "fp32"]
@@ -487,6 +507,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = markdown(results, sorted(args.batch_sizes), args.train_batch)
     print(table)
     settings = {k: v for k, v in job_base.items() if k not in ("device", "threads")}
+    settings["in_process"] = args.in_process
     report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
     write_outputs(args, report, environment_markdown(env, ceiling) + table)
     return 0

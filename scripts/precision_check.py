@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     num_classes, names = parts["num_classes"], parts["label_names"]
     net = LeViTUNet(2, 1, num_classes, variant=parts["variant"], img_size=parts["img_size"])
     net.load_state_dict(torch.load(require_file(args.checkpoint, "trained weights"), map_location="cpu", weights_only=True))
-    net.eval()
-    fast_precision = resolve_precision("auto", "cpu")
+    device = torch.device(args.device)
+    net.eval().to(device)
+    fast_precision = resolve_precision("auto", device)
     forms = {
         "fp32_plain": LeViTSliceInferer(parts["img_size"], args.sw_batch_size, precision="fp32", fuse=False),
         "bundle_default": LeViTSliceInferer(parts["img_size"], args.sw_batch_size, precision="auto", fuse=True),
@@ -83,13 +84,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     per_volume, seconds = [], {name: 0.0 for name in forms}
     for item in items:
         data = parts["preprocessing"](item)
-        image = data["image"].unsqueeze(0)
+        image = data["image"].unsqueeze(0).to(device)
         label = np.asarray(data["label"])[0].astype(np.int64)
         preds = {}
         for name, inferer in forms.items():
             t0 = time.perf_counter()
             with torch.inference_mode():
-                preds[name] = inferer(image, net)[0, 0].numpy().astype(np.int64)
+                preds[name] = inferer(image, net)[0, 0].cpu().numpy().astype(np.int64)
             seconds[name] += time.perf_counter() - t0
             truth[name] += dice_counts(preds[name], label, num_classes)
         counts = dice_counts(preds["bundle_default"], preds["fp32_plain"], num_classes)
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python -m scripts.precision_check", *sys.argv[1:]]),
             "torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "bundle_default_precision": fast_precision,
         },
         "checkpoint": args.checkpoint, "datalist": args.datalist, "key": args.key, "volumes": len(items),
@@ -116,13 +118,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
+def _where(env: Dict[str, Any]) -> str:
+    return f"{env['gpu']} ({env['device']})" if env.get("gpu") else f"{env['threads']} CPU threads"
+
+
 def markdown(r: Dict[str, Any]) -> str:
     names = r["classes"][1:]
     lines = [
         f"# Fast inference form vs plain fp32: {r['volumes']} volumes",
         "",
         f"`{r['environment']['command']}` ({r['environment']['date']}, torch {r['environment']['torch']}, "
-        f"{r['environment']['threads']} threads). The bundle's default form here computes in "
+        f"{_where(r['environment'])}). The bundle's default form here computes in "
         f"**{r['environment']['bundle_default_precision']}**. Dice between the two label maps per class (pooled over "
         "all volumes, and the lowest single volume), and each form's Dice against the ground truth (pooled).",
         "",
@@ -157,6 +163,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--variant", default=None, help="128s, 192 or 384 (the config's by default)")
     p.add_argument("--sw-batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the default form there: bf16 AMP where supported)")
     p.add_argument("--limit", type=int, default=0, help="only the first N volumes")
     p.add_argument("--json", type=Path, default=None, help="write the figures here (and the Markdown beside it)")
     return p.parse_args(argv)

@@ -231,9 +231,9 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "lr_schedule": "poly",
         "weight_decay": 1e-4,
         "val_interval": 20,
-        "num_workers": 4,
-        "train_precision": "fp32",
-        "amp": True,
+        "num_workers": 8,
+        "train_precision": "bf16",
+        "amp": False,
         "seed": 123,
         "device": None,  # the bundle's default: cuda:0 when available
     },
@@ -245,6 +245,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
 _ITER_RE = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+) -- train_loss: ([-+0-9.eE]+|nan|inf)")
 _METRICS_RE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)")
 _KV_RE = re.compile(r"([A-Za-z_][\w.]*): ([-+0-9.eE]+|nan|inf)")
+_DONE_RE = re.compile(r"(SupervisedTrainer|SupervisedEvaluator) - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([0-9.]+)")
 
 
 def parse_train_log(text: str) -> Dict[str, Any]:
@@ -253,14 +254,29 @@ def parse_train_log(text: str) -> Dict[str, Any]:
     Returns ``iterations`` (``[global_iteration, epoch, loss]`` per ``Epoch: e/E, Iter: i/I -- train_loss: x``
     line; the global iteration counts from 1), ``epoch_loss`` (``[epoch, mean loss]``), ``val`` (``[epoch,
     val_mean_dice]`` per ``Epoch[e] Metrics -- ... val_mean_dice: x`` line) and ``metrics`` (``{epoch: {name:
-    value}}`` of every ``Epoch[e] Metrics`` line, training and validation merged).
+    value}}`` of every ``Epoch[e] Metrics`` line, training and validation merged), ``epoch_seconds`` (``[epoch,
+    seconds]`` per trainer ``Epoch[e] Complete. Time taken: h:mm:ss`` line, less the validation run logged
+    within it: the training epoch alone) and ``validation_seconds`` (the evaluator's, one entry per run).
     """
     iterations: List[List[float]] = []
     per_epoch: Dict[int, List[float]] = {}
     metrics: Dict[int, Dict[str, float]] = {}
     val: List[List[float]] = []
     seen: Dict[Tuple[int, int], int] = {}
+    epoch_seconds: List[List[float]] = []
+    validation_seconds: List[float] = []
+    pending_validation = 0.0
     for line in re.split(r"[\r\n]+", text):
+        m = _DONE_RE.search(line)
+        if m:
+            seconds = 3600 * int(m.group(3)) + 60 * int(m.group(4)) + float(m.group(5))
+            if m.group(1) == "SupervisedTrainer":  # ignite's figure includes the epoch-end handlers' time
+                epoch_seconds.append([int(m.group(2)), max(seconds - pending_validation, 0.0)])
+                pending_validation = 0.0
+            else:
+                validation_seconds.append(seconds)
+                pending_validation += seconds
+            continue
         m = _ITER_RE.search(line)
         if m:
             epoch, it, n_it, loss = int(m.group(1)), int(m.group(3)), int(m.group(4)), float(m.group(5))
@@ -281,7 +297,28 @@ def parse_train_log(text: str) -> Dict[str, Any]:
     for _, epoch, loss in iterations:
         per_epoch.setdefault(int(epoch), []).append(loss)
     epoch_loss = [[e, sum(v) / len(v)] for e, v in sorted(per_epoch.items())]
-    return {"iterations": iterations, "epoch_loss": epoch_loss, "val": sorted(val), "metrics": metrics}
+    return {"iterations": iterations, "epoch_loss": epoch_loss, "val": sorted(val), "metrics": metrics,
+            "epoch_seconds": epoch_seconds, "validation_seconds": validation_seconds}
+
+
+def plan_epochs(calibration_log: str, budget_s: float, validations: int = 4, max_epochs: int = 400) -> Tuple[int, int]:
+    """``(epochs, val_interval)`` of a fixed schedule that fits ``budget_s`` seconds of training, from the log
+    of a short calibration run of the same settings (its first epoch, which includes warm-up, is ignored
+    where later ones exist): the slowest later epoch, plus ``validations`` validation runs at the slowest
+    measured cost, at most ``max_epochs`` (the paper's 400). The schedule is chosen before training, from speed
+    alone, so no validation figure steers it.
+    """
+    log = parse_train_log(calibration_log)
+    times = [t for e, t in log["epoch_seconds"] if e > 1] or [t for _, t in log["epoch_seconds"]]
+    if not times:
+        raise ValueError("the calibration log has no 'Epoch[N] Complete. Time taken' line of the trainer")
+    val_s = max(log["validation_seconds"], default=0.0)
+    epochs = int((budget_s - validations * val_s) // max(times))
+    if epochs < 1:
+        raise ValueError(f"a budget of {budget_s:.0f} s does not fit one epoch ({max(times):.1f} s) and "
+                         f"{validations} validations ({val_s:.1f} s each)")
+    epochs = min(epochs, max_epochs)
+    return epochs, max(1, -(-epochs // max(1, validations)))
 
 
 # ------------------------------------------------------------------------------------------------ curves (Pillow)
@@ -577,9 +614,10 @@ def git_info() -> Dict[str, Any]:
         head = git("rev-parse", "HEAD")
         dirty = git("diff", "--quiet", "HEAD", "--")
     except OSError:
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip() or None if head.returncode == 0 else None,
-            "dirty": {0: False, 1: True}.get(dirty.returncode)}
+        head = dirty = None
+    if head is None or head.returncode != 0:  # a copy without .git (e.g. sent to a GPU machine): the sender's word
+        return {"commit": os.environ.get("LEVIT_UNET_COMMIT") or None, "dirty": None}
+    return {"commit": head.stdout.strip() or None, "dirty": {0: False, 1: True}.get(dirty.returncode)}
 
 
 def _atomic_write(path: Path, text: str) -> None:
