@@ -295,11 +295,12 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
     with contextlib.suppress(OSError):
         names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
         cpu = names[0] if names else None
+    commit: Optional[str] = os.environ.get("LEVIT_UNET_COMMIT")  # the sender's word for a copy sent elsewhere
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        commit: Optional[str] = git.stdout.strip()
+        commit = commit or git.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = None
+        pass
     try:
         import monai
 
@@ -412,17 +413,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_outputs(args: argparse.Namespace, report: Dict[str, Any], text: str) -> None:
+def write_outputs(args: argparse.Namespace, report: Dict[str, Any], text: str, quiet: bool = False) -> None:
     """``--json``: the whole report; ``--markdown``: the printed environment and tables. Both record the load
     average at the end next to the one at the start (``environment.load_average``)."""
     report["environment"]["load_average_end"] = _load_average()
     text += f"\n\n- load average (1, 5, 15 min) at the end: {report['environment']['load_average_end']}"
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        if not quiet:
+            print(f"\nwrote {args.json}", file=sys.stderr)
     if args.markdown is not None:
         args.markdown.write_text(text + "\n")
-        print(f"wrote {args.markdown}", file=sys.stderr)
+        if not quiet:
+            print(f"wrote {args.markdown}", file=sys.stderr)
 
 
 def main_volume(args: argparse.Namespace, env: Dict[str, Any]) -> int:
@@ -480,6 +483,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     job_base = {k: getattr(args, k) for k in ("device", "threads", "img_size", "batch_sizes", "train_batch")}
     job_base.update(warmup=args.warmup, iters=args.iters, repeats=args.repeats, min_time=args.min_time,
                     retain_memory=not args.no_retain_memory)
+    settings = {k: v for k, v in job_base.items() if k not in ("device", "threads")}
+    settings["in_process"] = args.in_process
     results: Dict[str, Any] = {}
     for name, forms, trains in models:
         print(f"[benchmark] {name}: counting", file=sys.stderr, flush=True)
@@ -503,11 +508,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         best = {f: r[str(max(args.batch_sizes))]["img_s"] for f, r in res["inference"].items() if "error" not in r}
         res["best_inference_form"] = max(best, key=best.__getitem__) if best else None
         results[name] = res
+        # the outputs so far, rewritten after each model: a run stopped at a time limit keeps what it measured
+        table = markdown(results, sorted(args.batch_sizes), args.train_batch)
+        report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
+        write_outputs(args, report, environment_markdown(env, ceiling) + table, quiet=True)
 
     table = markdown(results, sorted(args.batch_sizes), args.train_batch)
     print(table)
-    settings = {k: v for k, v in job_base.items() if k not in ("device", "threads")}
-    settings["in_process"] = args.in_process
     report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
     write_outputs(args, report, environment_markdown(env, ceiling) + table)
     return 0

@@ -27,11 +27,11 @@
 set -u -o pipefail
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-560}
-BENCH_S=${BENCH_S:-150}
+BENCH_S=${BENCH_S:-100}
 VARIANT=${VARIANT:-384}
 OUT=${OUT:-runs/gpu_session}
 EXTRA_ARGS=${EXTRA_ARGS:-}
-BENCH_ARGS=${BENCH_ARGS:---device cuda --variants 128s 192 384 --peers --train --train-variants 128s 384}
+BENCH_ARGS=${BENCH_ARGS:---device cuda --variants 128s 192 384 --peers --train --train-variants 128s 384 --warmup 3 --iters 10}
 WORK=runs/acdc_gpu
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"

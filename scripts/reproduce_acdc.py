@@ -610,13 +610,15 @@ def git_info() -> Dict[str, Any]:
     def git(*a: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
 
+    if os.environ.get("LEVIT_UNET_COMMIT"):  # a copy sent elsewhere (e.g. to a GPU machine): the sender's word
+        return {"commit": os.environ["LEVIT_UNET_COMMIT"], "dirty": None}
     try:
         head = git("rev-parse", "HEAD")
         dirty = git("diff", "--quiet", "HEAD", "--")
     except OSError:
         head = dirty = None
-    if head is None or head.returncode != 0:  # a copy without .git (e.g. sent to a GPU machine): the sender's word
-        return {"commit": os.environ.get("LEVIT_UNET_COMMIT") or None, "dirty": None}
+    if head is None or head.returncode != 0:
+        return {"commit": None, "dirty": None}
     return {"commit": head.stdout.strip() or None, "dirty": {0: False, 1: True}.get(dirty.returncode)}
 
 

@@ -279,6 +279,7 @@ class LeViTEncoder(nn.Module):
 
     def __init__(self, in_channels: int = 1, variant: str = "128s", img_size: int = 224, drop_path_rate: float | None = None):
         super().__init__()
+        variant = str(variant)  # `--variant 384` on the bundle command line arrives as the int 384
         if variant not in LEVIT_VARIANTS:
             raise ValueError(f"variant must be one of {sorted(LEVIT_VARIANTS)}, got {variant!r}.")
         if img_size < 64 or img_size % 16:
