@@ -6,7 +6,8 @@ whole volumes of a datalist twice with the same trained weights: with the plain 
 folding, the reference) and with the bundle's default form, and reports, per class, the Dice between the two
 label maps (pooled over all volumes, and the lowest single volume), beside each form's Dice against the
 ground truth. The volumes go through the bundle's own validation preprocessing (``validate#preprocessing`` of
-``configs/train.json`` + the preset).
+``configs/train.json`` + the preset). ``--device cuda`` checks the GPU form (bf16 AMP where supported, fp16
+otherwise); its fp32 reference runs with TF32 turned off (:func:`full_fp32`).
 
     python -m scripts.precision_check --preset configs/acdc.json --datalist runs/acdc_cpu/data/datalist.json \\
         --checkpoint runs/acdc_cpu/bundle/models/model_final.pt --img-size 128 --json docs/results/precision_acdc_cpu.json
@@ -15,13 +16,14 @@ ground truth. The volumes go through the bundle's own validation preprocessing (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +43,18 @@ def dice_counts(a: np.ndarray, b: np.ndarray, num_classes: int) -> np.ndarray:
 def dice_from_counts(counts: np.ndarray) -> List[float]:
     """Dice per class from :func:`dice_counts` rows; 1.0 where the class is absent from both."""
     return [float(2 * i / (sa + sb)) if sa + sb else 1.0 for i, sa, sb in counts]
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """True fp32 on CUDA for the reference: PyTorch runs convolutions in TF32 there by default
+    (``torch.backends.cudnn.allow_tf32``), which would make the "fp32" reference a reduced-precision one too."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def load_bundle_parts(preset: Optional[str], overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -89,7 +103,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         preds = {}
         for name, inferer in forms.items():
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), (full_fp32() if name == "fp32_plain" else contextlib.nullcontext()):
                 preds[name] = inferer(image, net)[0, 0].cpu().numpy().astype(np.int64)
             seconds[name] += time.perf_counter() - t0
             truth[name] += dice_counts(preds[name], label, num_classes)

@@ -43,6 +43,34 @@ def test_benchmark_smoke_writes_json(tmp_path):
             assert r["img_s"] > 0
 
 
+def test_in_process_measures_the_same_and_reports_failures(tmp_path, monkeypatch):
+    from scripts import benchmark
+
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    writes = []
+    real_write = benchmark.write_outputs
+    monkeypatch.setattr(benchmark, "write_outputs", lambda *a, **k: (writes.append(k.get("quiet", False)),
+                                                                     real_write(*a, **k)))
+    real_job = benchmark.run_job
+
+    def run_job(job):  # BasicUNet's measurements fail: reported in the table, the run goes on
+        if job["model"] == "BasicUNet":
+            raise RuntimeError("boom")
+        return real_job(job)
+
+    monkeypatch.setattr(benchmark, "run_job", run_job)
+    argv = ["--variants", "128s", "--peers", "BasicUNet", "--img-size", "64", "--iters", "1", "--warmup", "0",
+            "--repeats", "1", "--batch-sizes", "1", "--threads", "1", "--matmul-size", "64", "--forms",
+            "eager_fp32", "cl_bf16", "--in-process", "--json", str(out), "--markdown", str(md)]
+    assert benchmark.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["in_process"] is True
+    assert report["models"]["LeViT-UNet-128s"]["inference"]["eager_fp32"]["1"]["img_s"] > 0
+    assert report["models"]["BasicUNet"]["inference"]["eager_fp32"] == {"error": "RuntimeError: boom"}
+    assert writes == [True, True, False]  # rewritten after each model, so a run cut short keeps what it measured
+    assert "| LeViT-UNet-128s | eager_fp32 |" in md.read_text()
+
+
 @pytest.mark.slow
 def test_volume_smoke_runs_the_inference_config(tmp_path):
     """--volume on a tiny phantom: the JSON has every stage and the saved labels lie on the input's grid."""

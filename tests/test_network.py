@@ -143,6 +143,14 @@ def test_parameter_counts(variant, params):
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 3) == params
 
 
+def test_variant_given_as_a_number():
+    # the bundle's command line (fire) turns `--variant 384` into the int 384; it must mean "384", and a bad one
+    # must still be refused
+    assert LeViTUNet(out_channels=4, variant=192, img_size=64).encoder.variant == "192"
+    with pytest.raises(ValueError, match="variant must be one of"):
+        LeViTUNet(out_channels=4, variant=256, img_size=64)
+
+
 @pytest.mark.parametrize("img_size", [64, 112, 160, 256])
 def test_other_input_sizes(img_size):
     model = LeViTUNet(in_channels=2, out_channels=4, img_size=img_size).eval()

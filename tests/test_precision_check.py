@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from conftest import IMG
 from scripts import precision_check
@@ -32,3 +33,20 @@ def test_fast_form_agrees_with_plain_fp32_on_trained_weights(trained, demo_dir, 
     for name in present:  # where the model finds the organ, the fast form finds the same voxels
         assert r["dice_bundle_vs_fp32_pooled"][name] > 0.95, (name, r["dice_bundle_vs_fp32_pooled"])
     assert (tmp_path / "precision.md").read_text().startswith("# Fast inference form vs plain fp32: 2 volumes")
+    assert r["environment"]["device"] == "cpu" and r["environment"]["gpu"] is None
+    assert "2 CPU threads" in (tmp_path / "precision.md").read_text()
+
+
+def test_fp32_reference_turns_tf32_off_and_restores_it():
+    import torch
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(KeyError):
+            with precision_check.full_fp32():
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                raise KeyError("left early")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

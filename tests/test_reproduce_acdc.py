@@ -40,6 +40,37 @@ def test_parse_train_log():
     assert empty["iterations"] == [] and empty["val"] == [] and empty["epoch_loss"] == []
 
 
+# what ignite prints at the end of each epoch; the evaluator's run (validation) falls inside the trainer's epoch
+TIMED = """\
+2026-11-30 00:00:01,000 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[1] Complete. Time taken: 00:00:18.500
+2026-11-30 00:00:12,000 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[2] Complete. Time taken: 00:00:11.000
+2026-11-30 00:00:20,000 - ignite.engine.engine.SupervisedEvaluator - INFO - Epoch[1] Complete. Time taken: 00:00:06.000
+2026-11-30 00:00:20,000 - ignite.engine.engine.SupervisedEvaluator - INFO - Engine run finished. Time taken: 00:00:06.100
+2026-11-30 00:00:20,100 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[3] Complete. Time taken: 00:01:16.500
+"""
+
+
+def test_parse_train_log_epoch_times():
+    c = ra.parse_train_log(TIMED)
+    assert c["epoch_seconds"] == [[1, 18.5], [2, 11.0], [3, pytest.approx(70.5)]]  # 76.5 s less the 6 s validation
+    assert c["validation_seconds"] == [6.0]
+    assert ra.parse_train_log(LOG)["epoch_seconds"] == []
+
+
+def test_plan_epochs_fits_the_budget():
+    # later epochs at most 70.5 s (the first, with warm-up, ignored), validations 6 s each
+    epochs, interval = ra.plan_epochs(TIMED, budget_s=1000, validations=4)
+    assert (epochs, interval) == (13, 4)  # (1000 - 4 * 6) // 70.5 = 13, validated at 4, 8, 12
+    assert epochs * 70.5 + 4 * 6 <= 1000 < (epochs + 1) * 70.5 + 4 * 6
+    assert ra.plan_epochs(TIMED, budget_s=10**6) == (400, 100)  # never more than the paper's 400
+    only_first = TIMED.splitlines()[0]
+    assert ra.plan_epochs(only_first, budget_s=185, validations=0) == (10, 10)  # the warm-up epoch, if it is all
+    with pytest.raises(ValueError, match="does not fit one epoch"):
+        ra.plan_epochs(TIMED, budget_s=60)
+    with pytest.raises(ValueError, match="no 'Epoch\\[N\\] Complete"):
+        ra.plan_epochs(LOG, budget_s=1000)
+
+
 def test_draw_curves(tmp_path):
     png = ra.draw_curves(ra.parse_train_log(LOG), tmp_path / "c.png", title="t")
     with Image.open(png) as im:
@@ -66,7 +97,7 @@ def test_cpu_profile_dry_run(capsys, tmp_path):
 def test_gpu_profile_plan_and_overrides():
     plan = ra.build_plan(ra.parse_args(["--profile", "gpu"]))
     s = plan["settings"]
-    assert (s["variant"], s["img_size"], s["batch_size"], s["amp"], s["num_workers"]) == ("384", 224, 24, True, 4)
+    assert (s["variant"], s["img_size"], s["batch_size"], s["train_precision"], s["num_workers"]) == ("384", 224, 24, "bf16", 8)
     small = ra.build_plan(ra.parse_args(["--profile", "gpu", "--variant", "128s", "--epochs", "3"]))
     assert small["settings"]["variant"] == "128s" and small["settings"]["val_interval"] == 3
     ev = small["commands"]["evaluate"]
@@ -91,7 +122,7 @@ def test_gpu_profile_end_to_end_on_cpu(tmp_path):
                 "evaluation_note", "paper_acdc_test_dice_pct", "settings", "training_log"):
         assert key in r, key
     assert r["evaluation_set"] == "validation" and "VALIDATION" in r["evaluation_note"]
-    assert r["epochs"] == 1 and r["settings"]["variant"] == "128s" and r["settings"]["amp"] is True
+    assert r["epochs"] == 1 and r["settings"]["variant"] == "128s" and r["settings"]["train_precision"] == "bf16"
     assert r["num_cases"] == 2
     for name in ("right_ventricle", "myocardium", "left_ventricle"):
         c = r["metrics"]["per_class"][name]
@@ -106,6 +137,9 @@ def test_gpu_profile_end_to_end_on_cpu(tmp_path):
     text = md.read_text()
     assert "VALIDATION" in text and "90.32" in text and "| right_ventricle (RV) |" in text
     assert (work / "train.log").is_file() and (work / "bundle" / "models" / "model_final.pt").is_file()
+    log = (work / "train.log").read_text()
+    assert log.splitlines()[1].startswith("# started 20")  # when the command began, for the start-up cost
+    assert ra.parse_train_log(log)["epoch_seconds"][0][0] == 1  # the trainer's epoch time, read back
     first = json.loads((work / "data" / "datalist.json").read_text())["training"][0]["image"]
     assert (work / "full" / "datalist.json").is_file() and nib.load(str(work / "data" / first)).shape[:2] == (64, 64)
     with Image.open(png) as im:
