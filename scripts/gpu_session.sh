@@ -4,7 +4,8 @@
 #
 #   1. setup: installs carried wheels (.whl/, e.g. monai, nibabel, pytorch-ignite) where the machine lacks them;
 #   2. benchmark: `scripts.benchmark --device cuda` table (LeViT-UNet 128s/192/384 and the MONAI peers, inference
-#      at batch 1 and 8, training of 128s, 384 and the peers) -> benchmark_gpu.md/.json;
+#      at batch 1 and 8, training of 128s, 384 and the peers; eager fp32, bf16 and bf16 as a CUDA graph)
+#      -> benchmark_gpu.md/.json, rewritten after each model (a run cut short by BENCH_S keeps what it measured);
 #   3. calibration: the ACDC `gpu` profile for 3 epochs (end to end: training, validation, evaluation, report), which
 #      also proves the pipeline runs on this GPU before the long run;
 #   4. the ACDC `gpu` profile with a FIXED schedule sized to the time left (scripts.reproduce_acdc.plan_epochs: from
@@ -60,7 +61,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 stage benchmark
 # shellcheck disable=SC2086
-timeout "$BENCH_S" "$PY" -m scripts.benchmark $BENCH_ARGS --forms eager_fp32 fused_cl_bf16 cl_bf16 --in-process \
+timeout "$BENCH_S" "$PY" -m scripts.benchmark $BENCH_ARGS --forms eager_fp32 fused_cl_bf16 cl_bf16 \
+    fused_cl_bf16_graph cl_bf16_graph --in-process \
     --json "$OUT/benchmark_gpu.json" --markdown "$OUT/benchmark_gpu.md" || echo "benchmark: exit status $?"
 
 stage calibration

@@ -71,6 +71,22 @@ def test_in_process_measures_the_same_and_reports_failures(tmp_path, monkeypatch
     assert "| LeViT-UNet-128s | eager_fp32 |" in md.read_text()
 
 
+def test_cuda_graph_forms_are_cuda_only(tmp_path):
+    from scripts import benchmark
+
+    job = {"device": "cpu", "threads": 1, "img_size": 64, "batch_sizes": [1], "train_batch": 2, "warmup": 0,
+           "iters": 1, "repeats": 1, "min_time": 0.0, "model": "LeViT-UNet-128s", "form": "fused_cl_bf16_graph",
+           "task": "infer"}
+    assert benchmark.run_in_process(job) == {"error": "ValueError: fused_cl_bf16_graph: CUDA graphs need a CUDA device"}
+    out = tmp_path / "b.json"  # on a CPU run they are left out of the table, not reported as failures
+    argv = ["--variants", "128s", "--img-size", "64", "--iters", "1", "--warmup", "0", "--repeats", "1",
+            "--batch-sizes", "1", "--threads", "1", "--matmul-size", "64", "--in-process", "--train",
+            "--train-batch", "2", "--forms", "fused_cl_bf16", "fused_cl_bf16_graph", "cl_bf16_graph", "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    res = json.loads(out.read_text())["models"]["LeViT-UNet-128s"]
+    assert set(res["inference"]) == {"fused_cl_bf16"} and "train" not in res
+
+
 @pytest.mark.slow
 def test_volume_smoke_runs_the_inference_config(tmp_path):
     """--volume on a tiny phantom: the JSON has every stage and the saved labels lie on the input's grid."""
