@@ -20,7 +20,8 @@
 #   OUT=runs/gpu_session BUDGET_S=560 bash scripts/gpu_session.sh
 #
 # Everything lands in $OUT (at most 8 files: the results above, session.log and extras.tgz with the training and
-# calibration logs, evaluation metrics and Markdown of the precision check). VARIANT, BENCH_S, EXTRA_ARGS (appended
+# calibration logs, evaluation metrics and Markdown of the precision check). VARIANT, CUDA_GRAPHS (true: the
+# training step captured as CUDA graphs, falling back to eager if the capture fails), BENCH_S, EXTRA_ARGS (appended
 # to both reproduce_acdc runs) and BENCH_ARGS (appended to the benchmark) adjust it; a CPU smoke run of the
 # plumbing: `OUT=/tmp/gs BUDGET_S=400 BENCH_S=60 EXTRA_ARGS="--device cpu --variant 128s --img-size 64
 # --num-workers 0" BENCH_ARGS="--device cpu --variants 128s --peers BasicUNet --img-size 64 --iters 1 --warmup 1
@@ -30,6 +31,7 @@ T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-560}
 BENCH_S=${BENCH_S:-100}
 VARIANT=${VARIANT:-384}
+CUDA_GRAPHS=${CUDA_GRAPHS:-true}
 OUT=${OUT:-runs/gpu_session}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 BENCH_ARGS=${BENCH_ARGS:---device cuda --variants 128s 192 384 --peers --train --train-variants 128s 384 --warmup 3 --iters 10}
@@ -71,7 +73,7 @@ mkdir -p "$CAL" && ln -sfn "$PWD/$WORK/data" "$CAL/data"
 CAL_T0=$(date +%s)
 # shellcheck disable=SC2086
 timeout 200 "$PY" -m scripts.reproduce_acdc --profile gpu --variant "$VARIANT" --workdir "$CAL" --results-dir "$CAL" \
-    --epochs 3 --val-interval 3 --quiet $EXTRA_ARGS || { echo "calibration failed: exit status $?"; exit 1; }
+    --epochs 3 --val-interval 3 --cuda-graphs "$CUDA_GRAPHS" --quiet $EXTRA_ARGS || { echo "calibration failed: exit status $?"; exit 1; }
 CAL_S=$(($(date +%s) - CAL_T0))
 rm -rf "$CAL/bundle/models" "$CAL/data"
 
@@ -91,7 +93,7 @@ echo "calibration took ${CAL_S} s (${FIXED} s of it start-up, evaluation and rep
 stage "train $VARIANT for $EPOCHS epochs"
 # shellcheck disable=SC2086
 timeout $(($(left) - 20)) "$PY" -m scripts.reproduce_acdc --profile gpu --variant "$VARIANT" --workdir "$WORK" \
-    --results-dir "$OUT" --epochs "$EPOCHS" --val-interval "$VAL_INTERVAL" --quiet $EXTRA_ARGS \
+    --results-dir "$OUT" --epochs "$EPOCHS" --val-interval "$VAL_INTERVAL" --cuda-graphs "$CUDA_GRAPHS" --quiet $EXTRA_ARGS \
     || echo "reproduce_acdc: exit status $?"
 
 stage precision check

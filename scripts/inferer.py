@@ -98,12 +98,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device | str, precision: str, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``precision`` on ``device`` (a no-op context for fp32)."""
     device = torch.device(device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision], cache_enabled=cache_enabled)
 
 
 # layers whose weights autocast casts to the lower precision at every call (CPU and CUDA autocast lists)
@@ -225,16 +225,49 @@ class AutocastInferer(Inferer):
     """Runs the network under autocast (``precision`` as in :func:`resolve_precision`); fp32 logits out.
 
     MONAI's trainers autocast on CUDA only (``amp=True``); this gives CPU training bf16 as well.
+
+    ``cuda_graphs``: on CUDA, the network's training forward and backward are captured as CUDA graphs
+    (``torch.cuda.make_graphed_callables``) at the first training batch, and replayed for every batch of the
+    same shape after it. A LeViT-UNet step is hundreds of small kernels, whose launches rather than their
+    arithmetic bound it on a fast GPU. The graph replaces the module's ``forward`` in training mode only (its
+    weights, state dict and eval-mode forward are untouched, so validation and checkpoints work as before); a
+    batch of another shape (an epoch's last, partial one) runs the class's eager ``forward`` on the same
+    weights. Autocast's weight-cast cache is off then, as capture requires. If the capture fails, training goes
+    on eagerly (a warning says why). No effect on CPU, in eval mode, or without gradients.
     """
 
-    def __init__(self, precision: str = "fp32") -> None:
+    def __init__(self, precision: str = "fp32", cuda_graphs: bool = False) -> None:
         super().__init__()
         self.precision = precision
+        self.cuda_graphs = cuda_graphs
+        self._graphed: dict = {}  # id(network) -> input shape it was captured for, or None after a failure
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         precision = resolve_precision(self.precision, inputs.device)
         if precision != "fp32" and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast(inputs.device, precision):
-            out = network(inputs, *args, **kwargs)
+        graphs = self._use_graphs(inputs, network) and not args and not kwargs
+        with autocast(inputs.device, precision, cache_enabled=not graphs):
+            if graphs and id(network) not in self._graphed:
+                self._graphed[id(network)] = self._capture(network, inputs)
+            shape = self._graphed.get(id(network))
+            if graphs and shape is not None and tuple(inputs.shape) != shape:
+                out = type(network).forward(network, inputs)  # e.g. an epoch's last, partial batch: eager
+            else:
+                out = network(inputs, *args, **kwargs)
         return out.float()
+
+    def _use_graphs(self, inputs: torch.Tensor, network: Callable[..., Any]) -> bool:
+        return (self.cuda_graphs and inputs.is_cuda and isinstance(network, nn.Module) and network.training
+                and torch.is_grad_enabled())
+
+    @staticmethod
+    def _capture(network: nn.Module, inputs: torch.Tensor) -> tuple | None:
+        import warnings
+
+        try:
+            torch.cuda.make_graphed_callables(network, (inputs.detach().clone(),))
+        except Exception as e:  # noqa: BLE001 - fall back to eager training, loudly
+            warnings.warn(f"cuda_graphs: capture failed, training eagerly ({type(e).__name__}: {e})", stacklevel=3)
+            return None
+        return tuple(inputs.shape)

@@ -21,7 +21,7 @@ paper's 90.32 mean Dice is on 20 test patients, which the SSL4MIS release does n
 
 Profiles (every setting can be overridden: ``--variant``, ``--img-size``, ``--epochs``, ``--samples-per-volume``,
 ``--batch-size``, ``--optimizer``, ``--lr``, ``--lr-schedule``, ``--weight-decay``, ``--val-interval``,
-``--num-workers``, ``--train-precision``, ``--amp``, ``--pretrained``, ``--device``; ``--limit N`` converts only
+``--num-workers``, ``--train-precision``, ``--amp``, ``--cuda-graphs``, ``--pretrained``, ``--device``; ``--limit N`` converts only
 the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan and commands and runs nothing):
 
 - ``gpu``: the paper's setting on one GPU: LeViT-UNet-384 (``--variant 128s`` for the small one), 224 x 224
@@ -38,7 +38,10 @@ the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan a
   lease. Measured on one H200 (2026-11-29, ``docs/results/gpu_session_2026-11-29/``): 10-11 s per epoch (about
   105 slices/s; the network's per-operation overhead sets that pace), 3.4-4.2 s per validation, about 100 s of
   start-up and evaluation per run: the 400 epochs take about 70 minutes of training there. That session fitted
-  8 epochs (52.66 %, a proof that the pipeline runs on CUDA, not a result).
+  8 epochs (52.66 %, a proof that the pipeline runs on CUDA, not a result). ``--cuda-graphs true`` captures
+  the training step as CUDA graphs (``scripts.inferer.AutocastInferer``), the remedy for that overhead; not yet
+  run on a GPU, so the profile leaves it off (``scripts/gpu_session.sh`` turns it on, and training falls back to
+  eager if the capture fails).
 - ``cpu``: LeViT-UNet-128s on a 2-core CPU within an hour: 128 x 128 slices, bf16 autocast
   (``--train_precision bf16``, channels_last; inference precision ``auto``), AdamW lr 2e-3 (weight decay 1e-4)
   with cosine decay to 0, batches of 8 slices (2 random slices of each of 4 volumes), 116 epochs of 280 slices
@@ -201,6 +204,7 @@ BUNDLE_KEYS = {
     "num_workers": "num_workers",
     "train_precision": "train_precision",
     "amp": "amp",
+    "cuda_graphs": "cuda_graphs",
     "seed": "seed",
 }
 PROFILES: Dict[str, Dict[str, Any]] = {
@@ -220,6 +224,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "num_workers": 0,
         "train_precision": "bf16",
         "amp": False,
+        "cuda_graphs": False,
         "seed": 123,
         "device": "cpu",
     },
@@ -239,6 +244,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "num_workers": 8,
         "train_precision": "bf16",
         "amp": False,
+        "cuda_graphs": False,
         "seed": 123,
         "device": None,  # the bundle's default: cuda:0 when available
     },
@@ -834,6 +840,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-workers", dest="num_workers", type=int, default=None)
     p.add_argument("--train-precision", dest="train_precision", choices=["fp32", "bf16", "fp16", "auto"], default=None)
     p.add_argument("--amp", type=lambda v: v.lower() in ("1", "true", "yes"), default=None, help="true|false")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                   help="true|false: capture the training step as CUDA graphs (scripts.inferer.AutocastInferer)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda:0, ... (default: the profile's)")
     p.add_argument("--pretrained", default=None, help="ImageNet LeViT checkpoint for the encoder")

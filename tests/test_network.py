@@ -343,3 +343,47 @@ def test_pretrained_override_loads_imagenet_weights_into_the_encoder(tmp_path):
         torch.testing.assert_close(model.encoder.state_dict()[key], value, rtol=0, atol=0)
     with pytest.raises(CheckpointConversionError, match="shape mismatches"):
         prepare_network(LeViTUNet(variant="384"), "cpu", pretrained=str(path))  # wrong variant: refused, not partial
+
+
+def test_cuda_graph_training_path_captures_once_and_falls_back(monkeypatch):
+    """AutocastInferer(cuda_graphs=True): the capture logic, with torch's capture faked (this machine has no GPU):
+    one capture at the first training batch, the graph for that shape after it, the eager forward for another
+    shape and in eval mode, and eager training (with a warning) when the capture fails."""
+    from scripts.inferer import AutocastInferer
+
+    captured, replays = [], []
+
+    def fake_capture(module, sample_args):
+        captured.append(tuple(sample_args[0].shape))
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()  # as capture needs
+        eager = module.forward
+        module.forward = lambda x: (replays.append(tuple(x.shape)), eager(x))[1]
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    monkeypatch.setattr(AutocastInferer, "_use_graphs",
+                        lambda self, x, net: self.cuda_graphs and net.training and torch.is_grad_enabled())
+    net = LeViTUNet(2, 1, 4, img_size=96).train()
+    inferer = AutocastInferer("bf16", cuda_graphs=True)
+    x2, x1 = torch.randn(3, 1, 96, 96), torch.randn(2, 1, 96, 96)
+    for x in (x2, x2, x1):  # two full batches, then a partial one
+        out = inferer(x, net)
+        assert out.dtype == torch.float32 and out.shape == (x.shape[0], 4, 96, 96)
+        out.mean().backward()
+    assert captured == [(3, 1, 96, 96)] and replays == [(3, 1, 96, 96), (3, 1, 96, 96)]
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    net.eval()
+    with torch.no_grad():
+        inferer(x2, net)
+    assert replays == [(3, 1, 96, 96)] * 3  # a faked capture leaves forward patched; torch's runs eager in eval
+    assert captured == [(3, 1, 96, 96)]
+
+    def failing(module, sample_args):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing)
+    other = LeViTUNet(2, 1, 4, img_size=96).train()
+    with pytest.warns(UserWarning, match="capture failed, training eagerly"):
+        inferer(x2, other)
+    inferer(x2, other)  # no second attempt, no second warning
+    assert inferer._graphed[id(other)] is None
