@@ -36,7 +36,7 @@ the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan a
   gpu --compact --prepare-only`` (uint8 images, training slices pre-resized to 224; then the run there finds
   ``WORKDIR/data/datalist.json`` and skips preparation); ``scripts/gpu_session.sh`` does the rest in a short
   lease. Measured on one H200 (2026-11-29, ``docs/results/gpu_session_2026-11-29/``): 10-11 s per epoch (about
-  105 slices/s; the network's per-operation overhead sets that pace), 3.4-4.2 s per validation, about 100 s of
+  105 slices/s, about what the network alone trains at batch 8 there), 3.4-4.2 s per validation, about 100 s of
   start-up and evaluation per run: the 400 epochs take about 70 minutes of training there. That session fitted
   8 epochs (52.66 %, a proof that the pipeline runs on CUDA, not a result). ``--cuda-graphs true`` captures
   the training step as CUDA graphs (``scripts.inferer.AutocastInferer``), the remedy for that overhead; not yet
