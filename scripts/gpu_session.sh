@@ -22,10 +22,11 @@
 # Everything lands in $OUT (at most 8 files: the results above, session.log and extras.tgz with the training and
 # calibration logs, evaluation metrics and Markdown of the precision check). VARIANT, CUDA_GRAPHS (true: the
 # training step captured as CUDA graphs, falling back to eager if the capture fails), BENCH_S, EXTRA_ARGS (appended
-# to both reproduce_acdc runs) and BENCH_ARGS (appended to the benchmark) adjust it; a CPU smoke run of the
+# to both reproduce_acdc runs), BENCH_ARGS and BENCH24_ARGS (the two benchmark runs) adjust it; a CPU smoke run of the
 # plumbing: `OUT=/tmp/gs BUDGET_S=400 BENCH_S=60 EXTRA_ARGS="--device cpu --variant 128s --img-size 64
 # --num-workers 0" BENCH_ARGS="--device cpu --variants 128s --peers BasicUNet --img-size 64 --iters 1 --warmup 1
-# --repeats 1 --threads 2" bash scripts/gpu_session.sh`.
+# --repeats 1 --threads 2" BENCH24_ARGS="--device cpu --img-size 64 --iters 1 --warmup 1 --repeats 1 --threads 2"
+# bash scripts/gpu_session.sh`.
 set -u -o pipefail
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-560}
@@ -35,6 +36,7 @@ CUDA_GRAPHS=${CUDA_GRAPHS:-true}
 OUT=${OUT:-runs/gpu_session}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 BENCH_ARGS=${BENCH_ARGS:---device cuda --variants 128s 192 384 --peers --train --train-variants 128s 384 --warmup 3 --iters 10}
+BENCH24_ARGS=${BENCH24_ARGS:---device cuda --warmup 3 --iters 10}
 WORK=runs/acdc_gpu
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -66,6 +68,12 @@ stage benchmark
 timeout "$BENCH_S" "$PY" -m scripts.benchmark $BENCH_ARGS --forms eager_fp32 fused_cl_bf16 cl_bf16 \
     fused_cl_bf16_graph cl_bf16_graph --in-process \
     --json "$OUT/benchmark_gpu.json" --markdown "$OUT/benchmark_gpu.md" || echo "benchmark: exit status $?"
+
+stage "training step of $VARIANT at the profile's batch of 24 (network alone, to compare with the pipeline's pace)"
+# shellcheck disable=SC2086
+timeout 45 "$PY" -m scripts.benchmark $BENCH24_ARGS --variants "$VARIANT" --no-inference --train --train-variants "$VARIANT" \
+    --train-batch 24 --forms cl_bf16 cl_bf16_graph --in-process --json "$EXTRA/benchmark_train24.json" \
+    || echo "benchmark at batch 24: exit status $?"
 
 stage calibration
 CAL=$EXTRA/calibration
