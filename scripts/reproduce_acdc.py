@@ -21,8 +21,9 @@ paper's 90.32 mean Dice is on 20 test patients, which the SSL4MIS release does n
 
 Profiles (every setting can be overridden: ``--variant``, ``--img-size``, ``--epochs``, ``--samples-per-volume``,
 ``--batch-size``, ``--optimizer``, ``--lr``, ``--lr-schedule``, ``--weight-decay``, ``--val-interval``,
-``--num-workers``, ``--train-precision``, ``--amp``, ``--cuda-graphs``, ``--pretrained``, ``--device``; ``--limit N`` converts only
-the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan and commands and runs nothing):
+``--num-workers``, ``--train-precision``, ``--amp``, ``--cuda-graphs``, ``--pretrained``, ``--device``; ``--limit
+N`` converts only the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan and commands and
+runs nothing):
 
 - ``gpu``: the paper's setting on one GPU: LeViT-UNet-384 (``--variant 128s`` for the small one), 224 x 224
   slices, batches of 24 slices (8 random slices of each of 3 volumes), TransUNet's optimiser (SGD, momentum 0.9,
@@ -48,108 +49,16 @@ the first N cases of each list, for smoke tests; ``--dry-run`` prints the plan a
   (4060 iterations, 32 480 slices, about 25 passes over the 1312 training slices), validation every 29 epochs
   (the last at epoch 116), no loader workers (2 cores: a worker would take a core from the two compute threads).
   Result (2026-11-29, commit 4989f43, ``docs/results/acdc_cpu.md``): validation mean Dice 84.04 % (RV 82.39,
-  Myo 80.45, LV 89.28, HD95 1.83 voxels) in 55.3 min; short of the 85 % aimed for. Validation mean Dice during
-  that run, epochs 29..116: 0.754 0.806 0.837 0.840. The same profile with 110 epochs, validated every 22 (commit
-  711b48f): 83.37 % (RV 80.78, Myo 79.92, LV 89.42, HD95 2.57 voxels) in 53.0 min; epochs 22..110: 0.692 0.774
-  0.817 0.833 0.834. With 100 epochs, validated every 20 (commit b33d5a3, before freed memory was retained, about
-  6 % slower per epoch): 82.74 % (RV 78.78, Myo 80.28, LV 89.15, HD95 1.92 voxels) in 51.3 min; epochs 20..100:
-  0.663 0.765 0.812 0.826 0.827. With lr 1e-3 and validation every 10 epochs (2026-11-29, commit 66d309c):
-  validation mean Dice 79.83 % (RV 76.08, Myo 77.38, LV 86.02, HD95 2.93 voxels) in 51.1 min; short of the 85 %
-  aimed for. Validation mean Dice during that run, epochs 10..100: 0.543 0.678 0.704 0.740 0.766 0.781 0.796
-  0.795 0.799 0.798: the curve flattens from epoch 70 on.
+  Myo 80.45, LV 89.28, HD95 1.83 voxels) in 55.3 min; short of the 85 % aimed for.
   Augmentation: random rotation (+-20 degrees, p 0.5) only; no 90-degree rotations or flips
   (``--rot90-prob 0 --flip-prob 0``): ACDC's short-axis slices share one orientation, with the right ventricle
   on the same side, and in a schedule this short the orientation augmentations cost more than they give
-  (attempts below).
+  (attempts 1 and 2 in ``docs/results/acdc_experiments.md``).
 
-Calibration of the ``cpu`` profile (2-core AMD EPYC with AVX512-BF16, torch 2.13.0+cpu, monai 1.6.1, 2 torch
-threads, the machine otherwise idle; 2026-11-29):
-
-- network alone (forward + cross-entropy + backward + Adam step, batch 16, bf16 autocast + channels_last, random
-  data), ``python -m scripts.benchmark --variants 128s --train --train-variants 128s --img-size S --iters 2
-  --warmup 1 --repeats 1 --forms cl_bf16 --train-batch 16 --batch-sizes 16 --threads 2 --matmul-size 512``:
-  S=128: 10.75 img/s; S=160: 7.1 img/s (a second run; the first gave 2.0, oneDNN still warming up);
-  S=224: 3.60 img/s (3.68 at batch 8 in ``docs/results/benchmark_cpu_levit.md``). In 50 minutes that is at
-  most about 32 000, 21 000 or 11 000 slices.
-- the real pipeline, one epoch of this profile (data loading and augmentation, the bundle's trainer, one
-  validation), ``python -m scripts.reproduce_acdc --profile cpu --epochs 1 --val-interval 1
-  --workdir runs/acdc_calib --results-dir runs/acdc_calib/results``: 1.96 s per iteration of 16 slices
-  (8.2 slices/s, 76 % of the bare network's rate: the loading runs in series), 70 iterations = 137 s per
-  epoch; one validation pass during training (20 volumes, 210 slices, MeanDice) 8.7 s; the training command
-  155 s in all (start-up, caching 160 volumes, 1 epoch, 1 validation); the final evaluation (Dice + HD95) 15 s
-  including start-up (its evaluator 9.3 s); converting the SSL4MIS files (160 volumes) 7 s. After that one
-  epoch the loss had fallen from 1.08 to 0.41 and the validation Dice was LV 0.23, mean 0.08 (lr 1e-3 stable).
-
-Reasoning: at 224 px the pipeline would reach about 2.7 slices/s (3.60 x 0.76), 8 000 slices in 50 minutes:
-7 epochs, 6 passes over the slices, too few for an encoder trained from scratch. The structures span 8-72 px
-(5th-95th percentile of their per-slice extent in the validation labels; medians RV 47, Myo 43, LV 30) in the
-~256 px scans, so at 128 px they stay resolvable (the myocardial wall, a few pixels thick, is what loses most;
-predictions are scaled back to the original grid for the metrics), and 128 px affords about 3x the iterations
-of 224 px (160 px: 1.5x fewer than 128). Measured at the start of the final profile: 1.13 s per 8-slice
-iteration, so 2520 iterations + 6 validations + start-up make about 50 minutes end to end. Storing the
-network's weights channels_last as well (the ``channels_last`` config id, on under bf16) brought the pipeline
-from about 1.07 to 0.83 s per iteration (train.log timestamps of a 2-epoch run of this profile; about 30 s per
-epoch with its 1.1 s epoch end), which is what lets the hour hold 100 epochs. AdamW at 1e-3 with
-cosine decay is the usual choice for a transformer trained from scratch in a few thousand iterations; SGD 0.01
-with poly decay is tuned for ~14 000 iterations at batch 24 (TransUNet). The reported figure is the evaluation
-of the last epoch's weights on the validation set, not the best validation.
-
-Earlier full attempts (2026-11-29, same machine; validation mean Dice of the weights of the moment; 1 and 2
-planned the same 20 160 slices as 3 and were stopped when they were clearly short of 0.85):
-
-1. batches of 16 (8 slices of each of 2 volumes), 18 epochs, the bundle's default augmentation (90-degree
-   rotations and flips at p 0.5 besides the rotation): 0.366 / 0.538 / 0.621 / 0.567 after 210 / 420 / 630 / 840
-   iterations (RV 0.25 -> 0.51); stopped at 840 of 1260.
-2. batches of 16 (4 slices of each of 4 volumes), 36 epochs, no 90-degree rotations or flips: 0.471 / 0.577
-   after 210 / 420 iterations; stopped at 470 of 1260, judged too slow.
-3. the profile above with 72 epochs (2520 iterations) before the weights were stored channels_last (1.07 s per
-   iteration): validation mean Dice 78.85 % (RV 72.57, Myo 76.72, LV 87.27) in 42.4 min; 0.623 / 0.671 / 0.742
-   / 0.771 / 0.792 / 0.789 at epochs 12 / 24 / 36 / 48 / 60 / 72. The 100-epoch run gained one point.
-
-Short comparisons (20-epoch cosine schedules of the profile, validation at epoch 20 only; the training command
-of ``docs/results/acdc_cpu.json`` with ``--epochs 20 --val_interval 20`` and the override shown; about 10 min
-each, 2026-11-29): lr 1e-3 (the profile then) 0.680; lr 1e-3 without the random rotation (``--rotate_prob 0``)
-0.656; lr 2e-3 0.689; lr 3e-3 0.673; lr 2e-3 with the rotation at p 1.0 (``--rotate_prob 1.0``) 0.676. So the
-rotation stays at p 0.5, and the profile takes lr 2e-3 (a small gain at this length, within what a second seed
-might move; the full run confirmed it: 82.74 % against 79.83 %). Three more, with lr 2e-3 (same command, 2026-11-29):
-the Dice term over the whole batch instead of per slice (``--loss#batch true``) 0.671; batches of 4 slices (2 of
-each of 2 volumes, ``--batch_size 4 --learning_rate 0.0014``; 11 % slower per epoch) 0.682; intensity
-augmentation (random gamma 0.7-1.5 and intensity scaling +-10 %, each at p 0.5, added to
-``train#random_transforms`` by an extra config file) 0.670. Two more (2026-11-29, same command): intensities
-scaled per volume by percentiles instead of min-max (an extra config setting ``intensity`` to
-``ScaleIntensityRangePercentilesd`` with ``lower 0, upper 99.5, b_min 0, b_max 1, clip true``: the 99.5th
-percentile of the SSL4MIS volumes, already min-max scaled, ranges from 0.13 to 1.0) 0.658, although its training
-MeanDice was higher (0.692 against 0.683); training on random 128 px crops of slices resized to 192 px and
-inferring by tiling 128 px windows over the 192 px slices (Gaussian blending; a trial patch, not kept) 0.637;
-batches of 1 slice from each of 8 volumes (``--samples_per_volume 1 --epochs 40 --val_interval 40``: the same
-5600 slices, 3 % slower) 0.664. How much these comparisons move by chance: the profile's own 20 epochs with
-``--seed 124`` instead of 123 scored 0.680 (0.689 with 123), so differences under about 0.01 say nothing. None
-beat the profile: at this length the network underfits (MeanDice of the augmented training slices about 0.85 in
-the last epochs, validation 0.83), and more augmentation or noisier steps cost.
-
-Attempts 1 and 2 (16-slice batches) learn in fewer, larger steps than the profile above, which takes twice as
-many optimiser steps of 8 slices from 4 volumes for the same compute (1.13 s per 8-slice step against 1.87 s
-per 16-slice step, both before channels_last weights).
-
-What caps the profile: ``python -m scripts.resolution_ceiling --datalist runs/acdc_cpu2/data/datalist.json
---num-classes 4 --img-size 128 160 224`` scores the protocol's round trip of the ground truth itself (slices to
-the network's size and back, nearest-neighbour): at 128 px a perfect network would reach 94.9 % mean Dice
-(RV 95.4, Myo 93.0, LV 96.4), at 224 px 99.2 %. The loss to resolution is a few points; the rest is a model
-trained from scratch on 28 000 slices. Bringing the 128 px predictions back as probabilities (bilinear, then
-the argmax) instead of as labels (nearest-neighbour, the protocol) gains little: the 82.74 % weights score
-83.28 % that way (the evaluate command in ``docs/results/acdc_cpu.json`` of commit b33d5a3, plus
-``--validate#inferer#output prob --validate#postprocessing#transforms#0#argmax "[True, False]"``). The
-figures keep the protocol's nearest-neighbour.
-
-Underfitting, measured (``python -m scripts.inference_diagnostics --preset configs/acdc.json --datalist
-runs/acdc_cpu5/data/datalist.json --checkpoint runs/acdc_cpu5/bundle/models/model_final.pt``, the 84.04 %
-weights; ``docs/results/inference_diagnostics_acdc_cpu.md``): on every 7th training volume (20 volumes) the
-same weights reach only 87.12 % (validation 84.04 %), far under the 94.9 % a perfect network would reach at
-128 px: the network has not learnt its own training set in 32 480 slices. The same script prices two inference
-additions outside the protocol, chosen as nnU-Net chooses them, on the training volumes: keeping each class's
-largest 3D connected component +0.19 on training (+0.18 on validation: 84.22); rotation test-time
-augmentation (0 and +-10 degrees, probabilities averaged at 128 px) -0.30 on training, so it is not chosen
-(+0.31 on validation: choosing it there would tune on the validation set). The reported figures use neither.
+How the profiles were chosen (calibration, earlier runs, short comparisons, what caps the cpu profile, the
+GPU session): ``docs/results/acdc_experiments.md``. A reported figure is the last epoch of a fixed schedule, not
+the best of its validations; the settings themselves were compared on the same validation set (in short runs),
+so the figures are not free of that selection.
 """
 
 from __future__ import annotations
