@@ -67,10 +67,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scripts.provenance import git_info
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["128s", "192", "384"]
 PEERS = ["BasicUNet", "AttentionUnet", "SwinUNETR", "UNETR"]
-# form -> (fold BatchNorm, channels_last, bf16 autocast)
 # form: (BatchNorm folded, channels_last, bf16, CUDA graph)
 FORMS: Dict[str, Tuple[bool, bool, bool, bool]] = {
     "eager_fp32": (False, False, False, False),
@@ -329,12 +330,6 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
     with contextlib.suppress(OSError):
         names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
         cpu = names[0] if names else None
-    commit: Optional[str] = os.environ.get("LEVIT_UNET_COMMIT")  # the sender's word for a copy sent elsewhere
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        commit = commit or git.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
     try:
         import monai
 
@@ -344,7 +339,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
     env: Dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "scripts.benchmark", *sys.argv[1:]]),
-        "git_commit": commit,
+        "git_commit": git_info()["commit"],
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "monai": monai_version,
@@ -520,6 +515,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = {k: v for k, v in job_base.items() if k not in ("device", "threads")}
     settings["in_process"] = args.in_process
     results: Dict[str, Any] = {}
+
+    def write_so_far(quiet: bool) -> str:
+        table = markdown(results, sorted(args.batch_sizes), args.train_batch)
+        report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
+        write_outputs(args, report, environment_markdown(env, ceiling) + table, quiet=quiet)
+        return table
+
     t_start = time.perf_counter()
     for name, forms, trains in models:
         print(f"[benchmark] {time.perf_counter() - t_start:6.1f} s {name}: counting", file=sys.stderr, flush=True)
@@ -545,15 +547,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         best = {f: r[str(max(args.batch_sizes))]["img_s"] for f, r in res["inference"].items() if "error" not in r}
         res["best_inference_form"] = max(best, key=best.__getitem__) if best else None
         results[name] = res
-        # the outputs so far, rewritten after each model: a run stopped at a time limit keeps what it measured
-        table = markdown(results, sorted(args.batch_sizes), args.train_batch)
-        report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
-        write_outputs(args, report, environment_markdown(env, ceiling) + table, quiet=True)
+        write_so_far(quiet=True)  # after each model: a run stopped at a time limit keeps what it measured
 
-    table = markdown(results, sorted(args.batch_sizes), args.train_batch)
-    print(table)
-    report = {"environment": env, "settings": settings, "ceiling_gflops": ceiling, "models": results}
-    write_outputs(args, report, environment_markdown(env, ceiling) + table)
+    print(write_so_far(quiet=False))
     return 0
 
 

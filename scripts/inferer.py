@@ -19,6 +19,7 @@ import ctypes
 import functools
 import ctypes.util
 import platform
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -263,8 +264,6 @@ class AutocastInferer(Inferer):
 
     @staticmethod
     def _capture(network: nn.Module, inputs: torch.Tensor) -> tuple | None:
-        import warnings
-
         try:
             torch.cuda.make_graphed_callables(network, (inputs.detach().clone(),))
         except Exception as e:  # noqa: BLE001 - fall back to eager training, loudly

@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from scripts.atomic import atomic_output
+from scripts.provenance import git_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "acdc_ssl4mis"
@@ -525,22 +526,6 @@ def hardware() -> Dict[str, Any]:
     else:
         out["gpu"] = None
     return out
-
-
-def git_info() -> Dict[str, Any]:
-    def git(*a: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
-
-    if os.environ.get("LEVIT_UNET_COMMIT"):  # a copy sent elsewhere (e.g. to a GPU machine): the sender's word
-        return {"commit": os.environ["LEVIT_UNET_COMMIT"], "dirty": None}
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = git("diff", "--quiet", "HEAD", "--")
-    except OSError:
-        head = dirty = None
-    if head is None or head.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip() or None, "dirty": {0: False, 1: True}.get(dirty.returncode)}
 
 
 def _atomic_write(path: Path, text: str) -> None:
