@@ -63,7 +63,10 @@ def retain_freed_memory() -> bool:
     By default glibc serves large blocks with fresh ``mmap`` pages and gives freed memory back to the system,
     so every forward pass on the CPU page-faults its activations in again, and the kernel zeroes each page.
     With the mmap threshold at its maximum (32 MiB; larger blocks are still mapped afresh) and trimming off,
-    the next pass reuses the pages of the previous one. Measured on this project's 2-core machine (an ad hoc A/B
+    the next pass reuses the pages of the previous one. glibc raises its threshold by itself after freeing
+    mapped blocks (its dynamic mmap threshold), sometimes in time for the next passes and sometimes not: two
+    passes of LeViT-UNet-128s at 128 px, batch 8, page-faulted 0, 26 626 or 51 138 times in three processes
+    (``tests/test_network.py``'s script, 2026-11-30); setting it makes the reuse certain. Measured on this project's 2-core machine (an ad hoc A/B
     script, fresh processes, 2026-11-29; ``python -m scripts.benchmark`` with and without
     ``--no-retain-memory`` makes the same comparison), LeViT-UNet-128s at 224 px, batch 8, in the bf16 inference form: page faults
     per forward 29 800 -> 14 100, and 11.1-12.1 -> 12.1-12.4 images/s (2 threads, five processes each;
