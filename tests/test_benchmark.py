@@ -124,3 +124,21 @@ def test_volume_smoke_runs_the_inference_config(tmp_path):
     hu = np.asarray(image.dataobj)
     assert image.get_data_dtype() == np.int16 and hu.min() < -900 and hu.max() > 100  # air and contrast organs
     assert seg.get_data_dtype() == np.uint8 and np.asarray(seg.dataobj).max() <= 8
+
+
+def test_loader_timing_times_the_training_loader(demo_dir):
+    from scripts import loader_timing
+
+    overrides = {"img_size": 32, "samples_per_volume": 2, "batch_size": 4, "num_workers": 0}
+    with_meta = loader_timing.time_loader(None, demo_dir / "datalist.json", overrides, epochs=2, skip=1)
+    # 8 training volumes, 2 per batch: 4 batches an epoch, 8 in all, the first untimed
+    assert with_meta["batches_timed"] == 7 and with_meta["batch_shape"] == (4, 1, 32, 32)
+    assert with_meta["ms_per_batch"] > 0 and with_meta["track_meta"] is True
+    import monai
+
+    plain = loader_timing.time_loader(None, demo_dir / "datalist.json", overrides, epochs=1, skip=1, track_meta=False)
+    assert plain["track_meta"] is False and monai.data.get_track_meta()  # switched back afterwards
+    with pytest.raises(ValueError, match="nothing left to time"):
+        loader_timing.time_loader(None, demo_dir / "datalist.json", overrides, epochs=1, skip=4)
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        loader_timing.main(["--datalist", str(demo_dir / "datalist.json"), "--set", "img_size"])
