@@ -91,3 +91,39 @@ def test_training_and_inference_give_the_network_the_same_slice(demo_dir):
     train_input = resize(squeeze(sliced))["image"]
     assert train_input.shape == (1, 96, 96) and seen[k].shape == (1, 1, 96, 96)
     torch.testing.assert_close(torch.as_tensor(train_input), seen[k][0], rtol=0, atol=1e-6)
+
+
+def test_training_random_chain_runs_untracked_with_the_same_arithmetic(demo_dir):
+    """The per-batch random transforms run on plain tensors (no MONAI meta data), with the numbers a tracked
+    Compose gives for the same random state; tracking comes back on afterwards, also when a transform raises."""
+    import monai
+    from monai.transforms import Compose
+
+    from scripts.transforms import UntrackedCompose
+
+    parser = parse(None, demo_dir, img_size=48, rotate_prob=1.0, rot90_prob=1.0, flip_prob=1.0)
+    item = parser.get_parsed_content("train#dataset#data")[0]
+    cached = Compose(parser.get_parsed_content("train#deterministic_transforms"))(item)
+    chain = parser.get_parsed_content("train#random_chain")
+    assert isinstance(chain, UntrackedCompose)
+    # a second parser: the first one hands out the same transform objects for every reference
+    other = parse(None, demo_dir, img_size=48, rotate_prob=1.0, rot90_prob=1.0, flip_prob=1.0)
+    tracked = Compose(other.get_parsed_content("train#random_transforms"))
+    chain.set_random_state(seed=7)
+    tracked.set_random_state(seed=7)
+    plain_out, tracked_out = chain(cached), tracked(cached)
+    assert len(plain_out) == len(tracked_out) == parser["samples_per_volume"]
+    for a, b in zip(plain_out, tracked_out):
+        for key in ("image", "label"):
+            assert type(a[key]) is torch.Tensor and isinstance(b[key], monai.data.MetaTensor)
+            assert a[key].dtype == b[key].dtype and a[key].shape == (1, 48, 48)
+            torch.testing.assert_close(a[key], b[key].as_tensor(), rtol=0, atol=0)
+    assert monai.data.get_track_meta()
+
+    def fails(_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        UntrackedCompose([fails])(cached)
+    assert monai.data.get_track_meta()
+
