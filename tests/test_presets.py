@@ -127,3 +127,21 @@ def test_training_random_chain_runs_untracked_with_the_same_arithmetic(demo_dir)
         UntrackedCompose([fails])(cached)
     assert monai.data.get_track_meta()
 
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizers_are_fused_where_supported_and_step_alike(name):
+    from scripts.utils import make_optimizer
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(3, 8, 3)
+    b.load_state_dict(a.state_dict())
+    fused, plain = make_optimizer(name, a.parameters(), 1e-2), make_optimizer(name, b.parameters(), 1e-2, fused=False)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(2, 3, 8, 8)
+        for net, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
