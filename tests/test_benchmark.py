@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -142,3 +143,26 @@ def test_loader_timing_times_the_training_loader(demo_dir):
         loader_timing.time_loader(None, demo_dir / "datalist.json", overrides, epochs=1, skip=4)
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         loader_timing.main(["--datalist", str(demo_dir / "datalist.json"), "--set", "img_size"])
+
+
+def test_op_profile_prices_the_convolution_bound(tmp_path):
+    """The operator profile splits a bf16 batch into convolution and other time and derives the bound from it."""
+    from scripts import op_profile
+
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1, groups=1)
+    assert op_profile.conv_gflop(conv, torch.randn(2, 3, 8, 8)) == pytest.approx(2 * 2 * 5 * 8 * 8 * 3 * 9 / 1e9)
+    grouped = torch.nn.Conv2d(4, 4, 3, stride=2, groups=4)
+    assert op_profile.conv_gflop(grouped, torch.randn(1, 4, 9, 9)) == pytest.approx(2 * 4 * 4 * 4 * 9 / 1e9)
+
+    r = op_profile.profile_ops("128s", 64, 2, warmup=1, iters=1, profile_iters=1, matmul_size=64)
+    assert r["matmul_gflop_s"]["fp32"] > 0 and r["matmul_gflop_s"]["bf16"] > 0
+    assert 0 < r["conv_ms"] < r["profiled_ms"] and r["other_ms"] == pytest.approx(r["profiled_ms"] - r["conv_ms"])
+    assert r["bound_speedup"] == pytest.approx(r["eager_fp32_ms"] / r["conv_ms"])
+    assert r["conv_gflop"] > 0 and any(o["op"] in op_profile.CONV_OPS for o in r["ops"])
+    assert op_profile.other_ms_for(r, 1e9) < 0  # no form is a billion times faster
+    out = tmp_path / "p.json"
+    assert op_profile.main(["--img-size", "64", "--batch", "2", "--iters", "1", "--warmup", "1",
+                            "--profile-iters", "1", "--matmul-size", "0", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["goal"] == 2.5 and "scripts.op_profile" in saved["environment"]["command"]
+    assert saved["matmul_gflop_s"] == {} and saved["bound_speedup"] > 0
