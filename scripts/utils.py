@@ -118,10 +118,12 @@ def make_optimizer(
     rounding, tested); on the 2-core CPU it shortens the ACDC cpu profile's epoch of 35 AdamW steps by about
     0.3 s (``docs/results/acdc_experiments.md``).
     """
-    params = list(params)
+    def as_list(tensors: Any) -> list:  # a group's params may be one tensor or a one-shot iterator
+        return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+    params = [dict(p, params=as_list(p["params"])) if isinstance(p, dict) else p for p in as_list(params)]
     if fused is None:
-        tensors = [p["params"] if isinstance(p, dict) else [p] for p in params]
-        flat = [t for group in tensors for t in group]
+        flat = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
         fused = bool(flat) and all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in flat)
     name = name.lower()
     if name == "sgd":

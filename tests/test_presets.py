@@ -145,3 +145,13 @@ def test_optimizers_are_fused_where_supported_and_step_alike(name):
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_make_optimizer_takes_param_groups_given_as_iterators():
+    """Deciding on the fused update must not use up a param group's one-shot iterator (nor a bare generator)."""
+    from scripts.utils import make_optimizer
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = make_optimizer("adamw", [{"params": net[0].parameters()}, {"params": net[1].weight, "lr": 0.1}], 1e-3)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 1] and opt.defaults["fused"] is True
+    assert len(make_optimizer("sgd", net.parameters(), 1e-3).param_groups[0]["params"]) == 4
