@@ -324,8 +324,9 @@ def _load_average() -> Optional[List[float]]:
     return None
 
 
-def environment(args: argparse.Namespace) -> Dict[str, Any]:
-    """Date, command line, git commit, versions, threads, CPU / GPU model and native bf16 support."""
+def environment(args: argparse.Namespace, module: str = "scripts.benchmark") -> Dict[str, Any]:
+    """Date, command line (``python -m <module> ...``), git commit, versions, threads, CPU / GPU model and native
+    bf16 support."""
     cpu = None
     with contextlib.suppress(OSError):
         names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
@@ -338,7 +339,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
         monai_version = None
     env: Dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "scripts.benchmark", *sys.argv[1:]]),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", module, *sys.argv[1:]]),
         "git_commit": git_info()["commit"],
         "python": sys.version.split()[0],
         "torch": torch.__version__,

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -159,8 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     retain_freed_memory()  # as the bundle's inferer and scripts.benchmark: freed memory is reused, not re-faulted
     result = profile_ops(args.variant, args.img_size, args.batch, args.warmup, args.iters, args.profile_iters,
                          matmul_size=args.matmul_size)
-    env = environment(argparse.Namespace(device="cpu", no_retain_memory=False))
-    env["command"] = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "scripts.op_profile", *(argv or sys.argv[1:])])
+    env = environment(argparse.Namespace(device="cpu", no_retain_memory=False), module="scripts.op_profile")
     text = markdown(result, args.goal, env)
     print(text)
     if args.json:
