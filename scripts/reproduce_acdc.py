@@ -113,6 +113,7 @@ BUNDLE_KEYS = {
     "optimizer": "optimizer_name",
     "lr": "learning_rate",
     "lr_schedule": "lr_schedule",
+    "warmup_epochs": "lr_warmup_epochs",
     "weight_decay": "weight_decay",
     "val_interval": "val_interval",
     "num_workers": "num_workers",
@@ -133,6 +134,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "optimizer": "adamw",
         "lr": 3e-3,
         "lr_schedule": "cosine",
+        "warmup_epochs": 0,
         "weight_decay": 1e-4,
         "val_interval": 31,
         "num_workers": 0,
@@ -153,6 +155,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         "optimizer": "sgd",
         "lr": 0.01,
         "lr_schedule": "poly",
+        "warmup_epochs": 0,
         "weight_decay": 1e-4,
         "val_interval": 20,
         "num_workers": 8,
@@ -733,6 +736,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lr-schedule", dest="lr_schedule", choices=["poly", "cosine", "constant"], default=None)
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=int, default=None,
+                   help="epochs of linear lr warm-up before the decay")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=None)
     p.add_argument("--val-interval", dest="val_interval", type=int, default=None)
     p.add_argument("--num-workers", dest="num_workers", type=int, default=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 from typing import Any, Iterable, Sequence
 
@@ -17,6 +18,7 @@ __all__ = [
     "list_images",
     "make_optimizer",
     "make_scheduler",
+    "weight_decay_groups",
     "ClassMetricsLogger",
     "require_file",
     "skip_existing_outputs",
@@ -135,17 +137,50 @@ def make_optimizer(
     raise ValueError(f"optimizer must be sgd, adam or adamw, got {name!r}")
 
 
-def make_scheduler(name: str, optimizer: torch.optim.Optimizer, max_iterations: int, power: float = 0.9):
-    """Per-iteration schedule: ``"poly"`` (TransUNet: lr * (1 - it / max) ** 0.9), ``"cosine"`` or ``"constant"``."""
+def weight_decay_groups(network: torch.nn.Module, no_decay: Sequence[str] = ("attention_biases",)) -> list:
+    """The network's parameters as two optimizer groups: weights that take weight decay, and the rest.
+
+    Decayed: every parameter of two or more dimensions (convolution and linear weights) whose name does not end
+    in one of ``no_decay``. Not decayed (the group sets ``weight_decay`` 0): normalisation scales and shifts,
+    biases, and LeViT's per-head attention bias tables, which are biases of the attention logits (DeiT's and
+    timm's ``no_weight_decay`` convention, which LeViT's own training follows). The first group inherits the
+    optimizer's ``weight_decay``. Empty groups are left out.
+    """
+    decay, keep = [], []
+    for name, param in network.named_parameters():
+        if not param.requires_grad:
+            continue
+        (keep if param.ndim < 2 or name.endswith(tuple(no_decay)) else decay).append(param)
+    groups = [{"params": decay}, {"params": keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, max_iterations: int, power: float = 0.9, warmup_iterations: int = 0
+):
+    """Per-iteration schedule: ``"poly"`` (TransUNet: lr * (1 - it / max) ** 0.9), ``"cosine"`` or ``"constant"``.
+
+    ``warmup_iterations`` > 0 first raises the lr linearly from lr / warmup_iterations to lr over that many
+    iterations; the decay then runs over the remaining ``max_iterations - warmup_iterations`` and still ends at
+    ``max_iterations``.
+    """
     name = name.lower()
     max_iterations = max(int(max_iterations), 1)
+    warmup = int(warmup_iterations)
+    if not 0 <= warmup < max_iterations:
+        raise ValueError(f"warmup_iterations must be in [0, {max_iterations}), got {warmup_iterations}")
+    span = max_iterations - warmup
     if name == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(1.0 - it / max_iterations, 0.0) ** power)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_iterations)
-    if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    raise ValueError(f"lr schedule must be poly, cosine or constant, got {name!r}")
+        decay = lambda it: max(1.0 - it / span, 0.0) ** power  # noqa: E731
+    elif name == "cosine":
+        decay = lambda it: 0.5 * (1.0 + math.cos(math.pi * min(it, span) / span))  # noqa: E731
+    elif name == "constant":
+        decay = lambda it: 1.0  # noqa: E731
+    else:
+        raise ValueError(f"lr schedule must be poly, cosine or constant, got {name!r}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: (it + 1) / warmup if it < warmup else decay(it - warmup)
+    )
 
 
 class ClassMetricsLogger:
