@@ -155,3 +155,79 @@ def test_make_optimizer_takes_param_groups_given_as_iterators():
     opt = make_optimizer("adamw", [{"params": net[0].parameters()}, {"params": net[1].weight, "lr": 0.1}], 1e-3)
     assert [len(g["params"]) for g in opt.param_groups] == [2, 1] and opt.defaults["fused"] is True
     assert len(make_optimizer("sgd", net.parameters(), 1e-3).param_groups[0]["params"]) == 4
+
+
+def test_weight_decay_reaches_only_convolution_and_linear_weights():
+    """AdamW's decay shrinks conv / linear weights; norms, biases and LeViT's attention bias tables keep theirs."""
+    from scripts.networks import LeViTUNet
+    from scripts.utils import make_optimizer, weight_decay_groups
+
+    net = LeViTUNet(in_channels=1, out_channels=4, variant="128s", img_size=64)
+    decay, keep = weight_decay_groups(net)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert keep["weight_decay"] == 0.0 and "weight_decay" not in decay
+    assert len(decay["params"]) + len(keep["params"]) == len(list(net.parameters()))
+    assert all(p.ndim >= 2 and not names[id(p)].endswith("attention_biases") for p in decay["params"])
+    kept = {names[id(p)] for p in keep["params"]}
+    assert any(n.endswith("attention_biases") for n in kept) and any(".bn." in n or "norm" in n for n in kept)
+
+    # one AdamW step with zero gradients: only the decayed weights move, by exactly lr * wd of themselves
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.rand_like(p))  # BatchNorm shifts and attention biases start at zero; make every one non-zero
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = make_optimizer("adamw", weight_decay_groups(net), lr=0.1, weight_decay=0.5)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in net.named_parameters():
+        expected = before[n] * (0.95 if n not in kept else 1.0)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_train_config_builds_the_decay_groups():
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "acdc.json")])
+    parser.update({"bundle_root": str(REPO), "device": "$torch.device('cpu')", "img_size": 64,
+                   "optimizer_name": "adamw", "weight_decay": 0.05})
+    opt = parser.get_parsed_content("optimizer")
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    net = parser.get_parsed_content("network")
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("name", ["poly", "cosine", "constant"])
+def test_lr_warmup_rises_linearly_then_decays_to_the_end(name):
+    from scripts.utils import make_scheduler
+
+    def lrs(warmup: int, total: int = 20) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched = make_scheduler(name, opt, total, warmup_iterations=warmup)
+        out = []
+        for _ in range(total + 1):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    plain, warm = lrs(0), lrs(5)
+    assert warm[:5] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
+    # after the warm-up the decay is the plain schedule's, compressed into the remaining 15 iterations
+    expected = lrs(0, total=15)
+    assert warm[5:] == pytest.approx(expected)
+    if name == "constant":
+        assert plain == pytest.approx([2.0] * 21)
+    else:
+        assert plain[0] == 2.0 and plain[-1] == pytest.approx(0.0, abs=1e-12) and warm[-1] == pytest.approx(0.0, abs=1e-12)
+        assert all(a >= b for a, b in zip(plain, plain[1:]))
+    if name == "cosine":  # the closed form equals PyTorch's CosineAnnealingLR
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+        reference = []
+        for _ in range(21):
+            reference.append(opt.param_groups[0]["lr"])
+            opt.step()
+            ref.step()
+        assert plain == pytest.approx(reference, abs=1e-9)
+    with pytest.raises(ValueError, match="warmup_iterations"):
+        make_scheduler(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10, warmup_iterations=10)
