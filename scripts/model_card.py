@@ -277,13 +277,15 @@ def _run_details(path: Path, results: Mapping[str, Any], repo_card: bool, networ
     if results.get("git_dirty"):
         commit_text += " with uncommitted changes"
     precision = "CUDA AMP" if s.get("amp") else s.get("train_precision")
+    warmup_epochs = s.get("warmup_epochs") or 0
+    warmup = f"{warmup_epochs}-epoch linear warm-up, then " if warmup_epochs else ""
     return _wrap(" ".join([
         f"Profile `{results['profile']}` ({_results_ref(path, repo_card)}, curves and per-class spread there): "
         f"{results.get('evaluation_note', '')}",
         f"Training: LeViT-UNet-{s.get('variant')}, {s.get('img_size')} x {s.get('img_size')} slices, "
         f"{s.get('epochs')} epoch{'s' if s.get('epochs') != 1 else ''} of {s.get('samples_per_volume')} "
         f"random slices per training volume, batches of {s.get('batch_size')} slices, {s.get('optimizer')} "
-        f"(lr {s.get('lr')}, {s.get('lr_schedule')} schedule, weight decay {s.get('weight_decay')}), "
+        f"(lr {s.get('lr')}, {warmup}{s.get('lr_schedule')} schedule, weight decay {s.get('weight_decay')}), "
         f"{precision} training precision{_augmentation(s)}, seed {s.get('seed')}.{_overrides_note(s, network)}",
         f"Protocol: {PROTOCOL_TEXT.get(protocol, f'`eval_protocol` {protocol}')}.",
         f"Run on {_machine(hw)}, torch {hw.get('torch')}, MONAI {hw.get('monai')}, Python {hw.get('python')}: "
