@@ -144,12 +144,11 @@ def weight_decay_groups(network: torch.nn.Module, no_decay: Sequence[str] = ("at
     in one of ``no_decay``. Not decayed (the group sets ``weight_decay`` 0): normalisation scales and shifts,
     biases, and LeViT's per-head attention bias tables, which are biases of the attention logits (DeiT's and
     timm's ``no_weight_decay`` convention, which LeViT's own training follows). The first group inherits the
-    optimizer's ``weight_decay``. Empty groups are left out.
+    optimizer's ``weight_decay``. Empty groups are left out. Every parameter is listed, frozen ones too, as
+    ``network.parameters()`` would be (the optimizer skips those without gradients).
     """
     decay, keep = [], []
     for name, param in network.named_parameters():
-        if not param.requires_grad:
-            continue
         (keep if param.ndim < 2 or name.endswith(tuple(no_decay)) else decay).append(param)
     groups = [{"params": decay}, {"params": keep, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

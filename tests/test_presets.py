@@ -170,6 +170,8 @@ def test_weight_decay_reaches_only_convolution_and_linear_weights():
     assert all(p.ndim >= 2 and not names[id(p)].endswith("attention_biases") for p in decay["params"])
     kept = {names[id(p)] for p in keep["params"]}
     assert any(n.endswith("attention_biases") for n in kept) and any(".bn." in n or "norm" in n for n in kept)
+    frozen = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).requires_grad_(False)
+    assert [len(g["params"]) for g in weight_decay_groups(frozen)] == [1, 3]  # listed as parameters() lists them
 
     # one AdamW step with zero gradients: only the decayed weights move, by exactly lr * wd of themselves
     with torch.no_grad():
@@ -200,15 +202,18 @@ def test_train_config_builds_the_decay_groups():
 def test_lr_warmup_rises_linearly_then_decays_to_the_end(name):
     from scripts.utils import make_scheduler
 
-    def lrs(warmup: int, total: int = 20) -> list[float]:
+    def trace(make, total: int) -> list[float]:
+        """The lr of each of ``total + 1`` iterations of the schedule ``make(optimizer)`` builds."""
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-        sched = make_scheduler(name, opt, total, warmup_iterations=warmup)
-        out = []
+        sched, out = make(opt), []
         for _ in range(total + 1):
             out.append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
         return out
+
+    def lrs(warmup: int, total: int = 20) -> list[float]:
+        return trace(lambda opt: make_scheduler(name, opt, total, warmup_iterations=warmup), total)
 
     plain, warm = lrs(0), lrs(5)
     assert warm[:5] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
@@ -218,16 +223,11 @@ def test_lr_warmup_rises_linearly_then_decays_to_the_end(name):
     if name == "constant":
         assert plain == pytest.approx([2.0] * 21)
     else:
-        assert plain[0] == 2.0 and plain[-1] == pytest.approx(0.0, abs=1e-12) and warm[-1] == pytest.approx(0.0, abs=1e-12)
+        assert plain[0] == 2.0
+        assert plain[-1] == pytest.approx(0.0, abs=1e-12) and warm[-1] == pytest.approx(0.0, abs=1e-12)
         assert all(a >= b for a, b in zip(plain, plain[1:]))
     if name == "cosine":  # the closed form equals PyTorch's CosineAnnealingLR
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-        ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
-        reference = []
-        for _ in range(21):
-            reference.append(opt.param_groups[0]["lr"])
-            opt.step()
-            ref.step()
+        reference = trace(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20), 20)
         assert plain == pytest.approx(reference, abs=1e-9)
     with pytest.raises(ValueError, match="warmup_iterations"):
         make_scheduler(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10, warmup_iterations=10)
